@@ -1,0 +1,133 @@
+//! The crate's error type: one enum for every operation, so the daemon can tell a caller's mistake
+//! (bad name, unknown image, private image, wrong platform) from a failure on our side.
+
+use std::io;
+
+/// Everything that can go wrong while naming, pulling, storing or unpacking an image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The text given as an image reference does not follow the Docker reference grammar.
+    #[error("invalid image reference {input:?}: {reason}")]
+    InvalidReference {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it and what was expected.
+        reason: String,
+    },
+
+    /// The registry answered but has no such repository, tag or digest.
+    #[error("image {reference} not found in {registry}: check the name and tag")]
+    NotFound {
+        /// Normalised reference that was asked for.
+        reference: String,
+        /// Registry host that was asked.
+        registry: String,
+    },
+
+    /// The registry could not be reached at all (DNS failure, connection refused, timeout, TLS).
+    #[error(
+        "registry {registry} is unreachable: {reason}; check the address and that it is running \
+         (a registry served over plain HTTP must be listed as insecure)"
+    )]
+    Unreachable {
+        /// Registry host that was tried.
+        registry: String,
+        /// The underlying cause, with its whole chain.
+        reason: String,
+    },
+
+    /// The registry refused an anonymous pull.
+    #[error(
+        "registry {registry} refused access to {reference}: {reason}; the image may be private or \
+         may not exist (only anonymous pulls are supported)"
+    )]
+    Unauthorized {
+        /// Normalised reference that was asked for.
+        reference: String,
+        /// Registry host that refused.
+        registry: String,
+        /// What the registry said.
+        reason: String,
+    },
+
+    /// The reference names a multi-platform index that has no entry for this host.
+    #[error("image {reference} has no variant for {wanted}; it offers: {}", available.join(", "))]
+    NoMatchingPlatform {
+        /// Normalised reference that was asked for.
+        reference: String,
+        /// The platform this host needs, e.g. `linux/amd64`.
+        wanted: String,
+        /// The platforms the index lists.
+        available: Vec<String>,
+    },
+
+    /// Content did not hash to the digest it was fetched or recorded under; nothing was kept.
+    #[error(
+        "{what}: expected digest {expected}, found {actual}; the registry or the network corrupted it, retry the pull"
+    )]
+    DigestMismatch {
+        /// Which object (blob digest, layer diff_id).
+        what: String,
+        /// Digest we were promised.
+        expected: String,
+        /// Digest of what we received.
+        actual: String,
+    },
+
+    /// A layer could not be unpacked safely; its temporary directory was removed.
+    #[error("cannot unpack layer {layer}: {reason}")]
+    Unpack {
+        /// diff_id or blob digest of the layer.
+        layer: String,
+        /// Which entry failed and why.
+        reason: String,
+    },
+
+    /// A local file system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing, with the path.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Any other registry or protocol failure (bad manifest, server error, rate limit...).
+    #[error("registry {registry}: {message}")]
+    Registry {
+        /// Registry host involved.
+        registry: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl Error {
+    /// True when the caller asked for something that cannot work (answer 4xx), false when the
+    /// failure is on our side or the network's (answer 5xx, maybe retry).
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidReference { .. }
+                | Error::NotFound { .. }
+                | Error::Unauthorized { .. }
+                | Error::NoMatchingPlatform { .. }
+        )
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+}
+
+/// Adds a description of what we were doing to an `io::Result`.
+pub(crate) trait IoContext<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, Error>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, Error> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}

@@ -1,0 +1,400 @@
+//! Talking to registries through `oci-client`: which protocol a host gets, which manifest of an
+//! index fits this host, streaming blobs to disk with their digest checked, and turning the
+//! client's errors into ours.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Client;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWrite;
+
+use crate::error::IoContext;
+use crate::unpack::{digest_hex, sync_dir, unique_suffix};
+use crate::{Error, PullOptions, Reference};
+
+/// An image config is a few KiB; anything this large is not one.
+const MAX_CONFIG_SIZE: i64 = 16 << 20;
+
+/// A client for one pull: plain HTTP for loopback and insecure hosts, HTTPS for the rest, and no
+/// platform resolver because we select the manifest ourselves (to report what was offered).
+pub(crate) fn client(reference: &Reference, opts: &PullOptions) -> Client {
+    let mut plain_http = opts.insecure_registries.clone();
+    if reference.is_plain_http(&opts.insecure_registries) {
+        plain_http.push(reference.registry().to_string());
+    }
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(plain_http),
+        platform_resolver: None,
+        connect_timeout: Some(Duration::from_secs(15)),
+        read_timeout: Some(Duration::from_secs(120)),
+        ..ClientConfig::default()
+    })
+}
+
+/// This host's platform in Go naming (`GOARCH`, arm variant), as indexes spell it.
+pub(crate) fn host_platform() -> (&'static str, Option<&'static str>) {
+    match std::env::consts::ARCH {
+        "x86_64" => ("amd64", None),
+        "aarch64" => ("arm64", Some("v8")),
+        "arm" => ("arm", Some("v7")),
+        "x86" => ("386", None),
+        "powerpc64" if cfg!(target_endian = "little") => ("ppc64le", None),
+        "powerpc64" => ("ppc64", None),
+        "loongarch64" => ("loong64", None),
+        other => (other, None),
+    }
+}
+
+fn describe(entry: &ImageIndexEntry) -> String {
+    match &entry.platform {
+        Some(p) => match &p.variant {
+            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+            None => format!("{}/{}", p.os, p.architecture),
+        },
+        None => "(no platform)".to_string(),
+    }
+}
+
+/// Picks the index entry for linux on `arch`: the exact variant first, then an entry with no
+/// variant, then (for 32-bit arm) older variants the CPU also runs. Err lists what was offered.
+pub(crate) fn select_platform(
+    entries: &[ImageIndexEntry],
+    arch: &str,
+    variant: Option<&str>,
+) -> Result<String, Vec<String>> {
+    let linux_arch: Vec<&ImageIndexEntry> = entries
+        .iter()
+        .filter(|e| {
+            e.platform.as_ref().is_some_and(|p| p.os.to_string() == "linux" && p.architecture.to_string() == arch)
+        })
+        .collect();
+    let variant_of = |e: &ImageIndexEntry| e.platform.as_ref().and_then(|p| p.variant.clone());
+    let mut preference: Vec<Option<&str>> = vec![variant, None];
+    if arch == "arm" {
+        preference.extend([Some("v7"), Some("v6"), Some("v5")]);
+    }
+    for want in preference {
+        if let Some(e) = linux_arch.iter().find(|e| variant_of(e).as_deref() == want) {
+            return Ok(e.digest.clone());
+        }
+    }
+    Err(entries.iter().map(describe).collect())
+}
+
+/// Fetches the image manifest for this host, resolving an index or manifest list. Returns the
+/// manifest and its digest (the platform manifest's, not the index's).
+pub(crate) async fn fetch_manifest(
+    client: &Client,
+    reference: &Reference,
+) -> Result<(OciImageManifest, String), Error> {
+    let oci_ref = reference.to_oci();
+    let (manifest, digest) =
+        client.pull_manifest(&oci_ref, &RegistryAuth::Anonymous).await.map_err(|e| map_error(e, reference))?;
+    let index = match manifest {
+        OciManifest::Image(m) => return Ok((m, digest)),
+        OciManifest::ImageIndex(index) => index,
+    };
+    let (arch, variant) = host_platform();
+    let chosen = select_platform(&index.manifests, arch, variant).map_err(|available| Error::NoMatchingPlatform {
+        reference: reference.to_string(),
+        wanted: match variant {
+            Some(v) => format!("linux/{arch}/{v}"),
+            None => format!("linux/{arch}"),
+        },
+        available,
+    })?;
+    let (manifest, digest) = client
+        .pull_manifest(&oci_ref.clone_with_digest(chosen.clone()), &RegistryAuth::Anonymous)
+        .await
+        .map_err(|e| map_error(e, reference))?;
+    match manifest {
+        OciManifest::Image(m) => Ok((m, digest)),
+        OciManifest::ImageIndex(_) => Err(Error::Registry {
+            registry: reference.registry().to_string(),
+            message: format!("index entry {chosen} of {reference} is itself an index; expected an image manifest"),
+        }),
+    }
+}
+
+/// Fetches the (small) image config blob into memory, digest checked.
+pub(crate) async fn fetch_config(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+) -> Result<Vec<u8>, Error> {
+    if desc.size > MAX_CONFIG_SIZE {
+        return Err(Error::Registry {
+            registry: reference.registry().to_string(),
+            message: format!(
+                "config blob {} claims {} bytes; expected at most {MAX_CONFIG_SIZE}",
+                desc.digest, desc.size
+            ),
+        });
+    }
+    let mut buf = Vec::new();
+    client.pull_blob(&reference.to_oci(), desc, &mut buf).await.map_err(|e| map_error(e, reference))?;
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&buf)));
+    if actual != desc.digest {
+        return Err(Error::DigestMismatch {
+            what: format!("config blob of {reference}"),
+            expected: desc.digest.clone(),
+            actual,
+        });
+    }
+    Ok(buf)
+}
+
+/// Streams blob `desc` to `blobs_dir/<hex>`: temp file, sha256 checked while writing, fsync,
+/// rename. A failed or corrupt download leaves nothing behind.
+pub(crate) async fn fetch_blob(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+    blobs_dir: &Path,
+) -> Result<(), Error> {
+    let hex = digest_hex(&desc.digest).ok_or_else(|| Error::Registry {
+        registry: reference.registry().to_string(),
+        message: format!("layer digest {:?} is not sha256:<64 hex>; only sha256 blobs are supported", desc.digest),
+    })?;
+    let target = blobs_dir.join(hex);
+    let tmp = blobs_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
+    let result = download(client, reference, desc, &tmp, &target).await;
+    if result.is_err() {
+        // Best effort: the download error is the one worth reporting.
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result?;
+    let dir = blobs_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || sync_dir(&dir))
+        .await
+        .map_err(|e| Error::io("syncing blob directory", io::Error::other(e)))?
+}
+
+async fn download(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+    tmp: &Path,
+    target: &Path,
+) -> Result<(), Error> {
+    let file = tokio::fs::File::create(tmp).await.context(|| format!("creating {}", tmp.display()))?;
+    let mut out = HashingWriter {
+        file,
+        hasher: Sha256::new(),
+        written: 0,
+        limit: u64::try_from(desc.size).ok().filter(|s| *s > 0).unwrap_or(u64::MAX),
+    };
+    if let Err(e) = client.pull_blob(&reference.to_oci(), desc, &mut out).await {
+        if out.written > out.limit {
+            return Err(Error::Registry {
+                registry: reference.registry().to_string(),
+                message: format!("blob {} is larger than the {} bytes its descriptor declares", desc.digest, desc.size),
+            });
+        }
+        return Err(map_error(e, reference));
+    }
+    // oci-client checked the digest too; ours also covers exactly the bytes that hit the disk.
+    let actual = format!("sha256:{}", hex::encode(out.hasher.finalize_reset()));
+    if actual != desc.digest {
+        return Err(Error::DigestMismatch {
+            what: format!("blob of {reference}"),
+            expected: desc.digest.clone(),
+            actual,
+        });
+    }
+    out.file.sync_all().await.context(|| format!("syncing {}", tmp.display()))?;
+    drop(out);
+    tokio::fs::rename(tmp, target).await.context(|| format!("moving {} to {}", tmp.display(), target.display()))
+}
+
+struct HashingWriter {
+    file: tokio::fs::File,
+    hasher: Sha256,
+    written: u64,
+    limit: u64,
+}
+
+impl AsyncWrite for HashingWriter {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.written.saturating_add(buf.len() as u64) > this.limit {
+            this.written = this.written.saturating_add(buf.len() as u64);
+            return Poll::Ready(Err(io::Error::other("blob is larger than its descriptor declares")));
+        }
+        match Pin::new(&mut this.file).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.hasher.update(&buf[..n]);
+                this.written += n as u64;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
+/// The error and all its causes, because reqwest's top-level message ("error sending request")
+/// hides the useful part ("Connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Classifies an `oci-client` error so the caller can tell "your mistake" from "our problem".
+pub(crate) fn map_error(e: OciDistributionError, reference: &Reference) -> Error {
+    let registry = reference.registry().to_string();
+    let not_found = || Error::NotFound { reference: reference.to_string(), registry: registry.clone() };
+    let unauthorized =
+        |reason: String| Error::Unauthorized { reference: reference.to_string(), registry: registry.clone(), reason };
+    match e {
+        OciDistributionError::RegistryError { ref envelope, .. } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
+                        | OciErrorCode::BlobUnknown
+                )
+            }) {
+                not_found()
+            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                unauthorized(envelope.to_string())
+            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+                Error::Registry { registry, message: format!("rate limited, retry later: {envelope}") }
+            } else {
+                Error::Registry { registry, message: e.to_string() }
+            }
+        }
+        OciDistributionError::ServerError { code: 404, .. } | OciDistributionError::ImageManifestNotFoundError(_) => {
+            not_found()
+        }
+        OciDistributionError::ServerError { code: 401 | 403, ref message, .. } => unauthorized(message.clone()),
+        OciDistributionError::UnauthorizedError { ref url } => unauthorized(format!("401 Unauthorized for {url}")),
+        OciDistributionError::AuthenticationFailure(ref m) => unauthorized(m.clone()),
+        OciDistributionError::RequestError(ref re) if re.is_connect() || re.is_timeout() => {
+            Error::Unreachable { registry, reason: chain(re) }
+        }
+        OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError { expected, actual }) => {
+            Error::DigestMismatch { what: format!("content from {reference}"), expected, actual }
+        }
+        OciDistributionError::UnsupportedSchemaVersionError(v) => Error::Registry {
+            registry,
+            message: format!(
+                "{reference} uses manifest schema version {v}; only schema 2 (Docker v2.2 and OCI) \
+                 is supported: re-push the image with a recent tool"
+            ),
+        },
+        other => Error::Registry { registry, message: chain(&other) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(digest: &str, json_platform: serde_json::Value) -> ImageIndexEntry {
+        serde_json::from_value(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": 1,
+            "platform": json_platform,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn classifies_registry_errors() {
+        use oci_client::errors::{OciEnvelope, OciError};
+        let r = Reference::parse("127.0.0.1:5000/demo/app:1").unwrap();
+        let envelope = |code: OciErrorCode| OciDistributionError::RegistryError {
+            envelope: OciEnvelope {
+                errors: vec![OciError { code, message: "m".into(), detail: serde_json::Value::Null }],
+            },
+            url: "http://x".into(),
+        };
+        let kind = |e: Error| match e {
+            Error::NotFound { .. } => "not_found",
+            Error::Unauthorized { .. } => "unauthorized",
+            Error::Unreachable { .. } => "unreachable",
+            Error::DigestMismatch { .. } => "digest",
+            Error::Registry { .. } => "registry",
+            _ => "other",
+        };
+        let table = vec![
+            (envelope(OciErrorCode::ManifestUnknown), "not_found"),
+            (envelope(OciErrorCode::NameUnknown), "not_found"),
+            (envelope(OciErrorCode::Unauthorized), "unauthorized"),
+            (envelope(OciErrorCode::Denied), "unauthorized"),
+            (envelope(OciErrorCode::Toomanyrequests), "registry"),
+            (OciDistributionError::ServerError { code: 404, url: "u".into(), message: "".into() }, "not_found"),
+            (OciDistributionError::ServerError { code: 403, url: "u".into(), message: "".into() }, "unauthorized"),
+            (OciDistributionError::ServerError { code: 500, url: "u".into(), message: "".into() }, "registry"),
+            (OciDistributionError::UnauthorizedError { url: "u".into() }, "unauthorized"),
+            (
+                OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
+                    expected: "a".into(),
+                    actual: "b".into(),
+                }),
+                "digest",
+            ),
+            (OciDistributionError::UnsupportedSchemaVersionError(1), "registry"),
+        ];
+        for (e, want) in table {
+            let text = e.to_string();
+            assert_eq!(kind(map_error(e, &r)), want, "{text}");
+        }
+        let msg = map_error(envelope(OciErrorCode::ManifestUnknown), &r).to_string();
+        assert_eq!(msg, "image 127.0.0.1:5000/demo/app:1 not found in 127.0.0.1:5000: check the name and tag");
+    }
+
+    #[test]
+    fn selects_host_platform() {
+        let entries = vec![
+            entry("d-amd64", serde_json::json!({"os": "linux", "architecture": "amd64"})),
+            entry("d-arm6", serde_json::json!({"os": "linux", "architecture": "arm", "variant": "v6"})),
+            entry("d-arm7", serde_json::json!({"os": "linux", "architecture": "arm", "variant": "v7"})),
+            entry("d-arm64", serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"})),
+            entry("d-win", serde_json::json!({"os": "windows", "architecture": "amd64"})),
+            entry("d-att", serde_json::json!({"os": "unknown", "architecture": "unknown"})),
+        ];
+        assert_eq!(select_platform(&entries, "amd64", None), Ok("d-amd64".into()));
+        assert_eq!(select_platform(&entries, "arm64", Some("v8")), Ok("d-arm64".into()));
+        assert_eq!(select_platform(&entries, "arm", Some("v7")), Ok("d-arm7".into()));
+        // arm64 without variant in the index still matches an arm64/v8 host.
+        let no_variant = vec![entry("x", serde_json::json!({"os": "linux", "architecture": "arm64"}))];
+        assert_eq!(select_platform(&no_variant, "arm64", Some("v8")), Ok("x".into()));
+        // An armv7 host falls back to v6.
+        let v6 = vec![entries[1].clone()];
+        assert_eq!(select_platform(&v6, "arm", Some("v7")), Ok("d-arm6".into()));
+        let err = select_platform(&entries[4..], "amd64", None).unwrap_err();
+        assert_eq!(err, vec!["windows/amd64".to_string(), "unknown/unknown".to_string()]);
+        let (arch, _) = host_platform();
+        assert!(!arch.is_empty());
+    }
+}

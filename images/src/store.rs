@@ -1,0 +1,398 @@
+//! The image store: owns the data dir layout (blobs, layers, index), runs a pull from manifest to
+//! unpacked layers, and answers local lookups.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use oci_spec::image::ImageConfiguration;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::IoContext;
+use crate::registry;
+use crate::unpack::{self, digest_hex, sync_dir, unique_suffix, Compression};
+use crate::{Error, Reference};
+
+/// How to reach registries during a pull.
+#[derive(Clone, Debug, Default)]
+pub struct PullOptions {
+    /// Registries (`host:port`, as written in references) reached over plain HTTP. Loopback
+    /// registries always are.
+    pub insecure_registries: Vec<String>,
+}
+
+/// What the image's author set for the process, from the image config.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ImageConfig {
+    /// ENTRYPOINT.
+    pub entrypoint: Vec<String>,
+    /// CMD (arguments to the entrypoint, or the command when there is none).
+    pub cmd: Vec<String>,
+    /// `KEY=value` pairs.
+    pub env: Vec<String>,
+    /// WORKDIR.
+    pub working_dir: Option<String>,
+    /// USER (`name`, `uid`, `uid:gid`...), resolved by the runtime against the rootfs.
+    pub user: Option<String>,
+    /// EXPOSE, e.g. `8080/tcp`, sorted.
+    pub exposed_ports: Vec<String>,
+    /// STOPSIGNAL, e.g. `SIGQUIT`.
+    pub stop_signal: Option<String>,
+    /// LABEL.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A pulled image, as recorded in the local index.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Image {
+    /// Normalised reference it was pulled as (`docker.io/library/busybox:latest`).
+    pub reference: String,
+    /// Digest of the platform image manifest (`sha256:…`); pulling `repository@digest` gets
+    /// exactly this image again.
+    pub digest: String,
+    /// Process defaults from the image config.
+    pub config: ImageConfig,
+    /// Layer diff_ids (`sha256:…` of the uncompressed tar), bottom layer first.
+    pub layers: Vec<String>,
+    /// Total compressed size of the layers in bytes, as the manifest declares them (what a pull
+    /// downloads, not the unpacked disk usage).
+    pub size: u64,
+    /// When the pull finished, RFC 3339 UTC.
+    pub pulled_at: String,
+}
+
+/// The local image store under one data dir. Cheap to share (`Arc<ImageStore>`); all methods
+/// take `&self`.
+#[derive(Debug)]
+pub struct ImageStore {
+    blobs: PathBuf,
+    layers: PathBuf,
+    images: PathBuf,
+    /// One async lock per layer diff_id, so concurrent pulls in this process download and unpack
+    /// a shared layer once. Across processes the temp + rename scheme keeps things correct.
+    layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) the store rooted at `root`, the data dir.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
+        let root = root.into();
+        let store = ImageStore {
+            blobs: root.join("blobs").join("sha256"),
+            layers: root.join("layers"),
+            images: root.join("images"),
+            layer_locks: Mutex::new(HashMap::new()),
+        };
+        for dir in [&store.blobs, &store.layers, &store.images] {
+            fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(store)
+    }
+
+    /// Pulls `reference` (anonymously) for this host's platform: manifest, config, every layer
+    /// not already unpacked; then records the image in the index and returns it.
+    pub async fn pull(&self, reference: &Reference, opts: &PullOptions) -> Result<Image, Error> {
+        let client = registry::client(reference, opts);
+        let (manifest, digest) = registry::fetch_manifest(&client, reference).await?;
+        tracing::debug!(%reference, %digest, layers = manifest.layers.len(), "pulled manifest");
+
+        let config_bytes = registry::fetch_config(&client, reference, &manifest.config).await?;
+        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| Error::Registry {
+            registry: reference.registry().to_string(),
+            message: format!("config blob {} of {reference} is not an image config: {e}", manifest.config.digest),
+        })?;
+        self.store_small_blob(&manifest.config.digest, config_bytes).await?;
+
+        let diff_ids = config.rootfs().diff_ids().clone();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(Error::Registry {
+                registry: reference.registry().to_string(),
+                message: format!(
+                    "{reference}: manifest lists {} layers but its config lists {} diff_ids; \
+                     the image is malformed",
+                    manifest.layers.len(),
+                    diff_ids.len()
+                ),
+            });
+        }
+
+        let mut size: u64 = 0;
+        for (desc, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+            size = size.saturating_add(u64::try_from(desc.size).unwrap_or(0));
+            self.ensure_layer(&client, reference, desc, diff_id).await?;
+        }
+
+        let image = Image {
+            reference: reference.to_string(),
+            digest,
+            config: image_config(&config),
+            layers: diff_ids,
+            size,
+            pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let images = self.images.clone();
+        let record = image.clone();
+        blocking(move || write_record(&images, &record)).await?;
+        Ok(image)
+    }
+
+    /// Makes sure layer `diff_id` is unpacked, downloading its blob if needed.
+    async fn ensure_layer(
+        &self,
+        client: &oci_client::Client,
+        reference: &Reference,
+        desc: &oci_client::manifest::OciDescriptor,
+        diff_id: &str,
+    ) -> Result<(), Error> {
+        let layer_hex = digest_hex(diff_id).ok_or_else(|| Error::Registry {
+            registry: reference.registry().to_string(),
+            message: format!("diff_id {diff_id:?} of {reference} is not sha256:<64 hex>"),
+        })?;
+        let compression = Compression::from_media_type(&desc.media_type).ok_or_else(|| Error::Unpack {
+            layer: diff_id.to_string(),
+            reason: format!("layer media type {:?} is not a tar, tar+gzip or tar+zstd layer", desc.media_type),
+        })?;
+        let lock = {
+            let mut locks = self.layer_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.entry(diff_id.to_string()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+
+        if self.layers.join(layer_hex).is_dir() {
+            return Ok(());
+        }
+        let blob_hex = digest_hex(&desc.digest).ok_or_else(|| Error::Registry {
+            registry: reference.registry().to_string(),
+            message: format!(
+                "layer digest {:?} of {reference} is not sha256:<64 hex>; only sha256 is supported",
+                desc.digest
+            ),
+        })?;
+        let blob = self.blobs.join(blob_hex);
+        if !blob.is_file() {
+            tracing::info!(%reference, digest = %desc.digest, size = desc.size, "downloading layer");
+            registry::fetch_blob(client, reference, desc, &self.blobs).await?;
+        }
+        let layers = self.layers.clone();
+        let diff_id = diff_id.to_string();
+        blocking(move || unpack::unpack_layer(&blob, compression, &diff_id, &layers)).await?;
+        Ok(())
+    }
+
+    /// Writes an in-memory blob (the config) under its digest, if not already there.
+    async fn store_small_blob(&self, digest: &str, bytes: Vec<u8>) -> Result<(), Error> {
+        let Some(hex) = digest_hex(digest) else {
+            // Only sha256 blobs are kept; a config under another algorithm is still usable.
+            return Ok(());
+        };
+        let path = self.blobs.join(hex);
+        blocking(move || {
+            if path.is_file() {
+                return Ok(());
+            }
+            atomic_write(&path, &bytes)
+        })
+        .await
+    }
+
+    /// The locally recorded image for `reference`, without touching the network. A reference
+    /// with a digest also matches an image pulled by tag whose manifest has that digest.
+    pub fn get(&self, reference: &Reference) -> Result<Option<Image>, Error> {
+        if let Some(image) = read_record(&record_path(&self.images, &reference.to_string()))? {
+            return Ok(Some(image));
+        }
+        let Some(digest) = reference.digest() else {
+            return Ok(None);
+        };
+        let prefix = format!("{}/{}", reference.registry(), reference.repository());
+        Ok(self.list()?.into_iter().find(|img| {
+            img.digest == digest
+                && Reference::parse(&img.reference)
+                    .is_ok_and(|r| format!("{}/{}", r.registry(), r.repository()) == prefix)
+        }))
+    }
+
+    /// Every image in the index, sorted by reference. Unreadable records are skipped and logged.
+    pub fn list(&self) -> Result<Vec<Image>, Error> {
+        let entries = fs::read_dir(&self.images).context(|| format!("listing {}", self.images.display()))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.context(|| format!("listing {}", self.images.display()))?;
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") || entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            match read_record(&path) {
+                Ok(Some(image)) => out.push(image),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable image record"),
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    /// Unpacked layer directories of `image`, bottom first (overlay's lowerdir wants them top
+    /// first: reverse). Paths are computed, not checked: a pulled image has all of them.
+    pub fn layer_dirs(&self, image: &Image) -> Vec<PathBuf> {
+        image.layers.iter().filter_map(|d| digest_hex(d)).map(|hex| self.layers.join(hex)).collect()
+    }
+
+    /// Where blob `digest` is (or would be) stored.
+    pub fn blob_path(&self, digest: &str) -> Option<PathBuf> {
+        digest_hex(digest).map(|hex| self.blobs.join(hex))
+    }
+}
+
+fn image_config(config: &ImageConfiguration) -> ImageConfig {
+    let Some(c) = config.config() else {
+        return ImageConfig::default();
+    };
+    let mut exposed_ports = c.exposed_ports().clone().unwrap_or_default();
+    exposed_ports.sort();
+    ImageConfig {
+        entrypoint: c.entrypoint().clone().unwrap_or_default(),
+        cmd: c.cmd().clone().unwrap_or_default(),
+        env: c.env().clone().unwrap_or_default(),
+        working_dir: c.working_dir().clone().filter(|s| !s.is_empty()),
+        user: c.user().clone().filter(|s| !s.is_empty()),
+        exposed_ports,
+        stop_signal: c.stop_signal().clone().filter(|s| !s.is_empty()),
+        labels: c.labels().clone().unwrap_or_default().into_iter().collect(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("background file system task failed", io::Error::other(e)))?
+}
+
+/// Index file name: a hash of the normalised reference, so any tag is a safe file name.
+fn record_path(images: &Path, reference: &str) -> PathBuf {
+    images.join(format!("{}.json", hex::encode(Sha256::digest(reference.as_bytes()))))
+}
+
+fn write_record(images: &Path, image: &Image) -> Result<(), Error> {
+    let json =
+        serde_json::to_vec_pretty(image).map_err(|e| Error::io("serialising image record", io::Error::other(e)))?;
+    atomic_write(&record_path(images, &image.reference), &json)
+}
+
+fn read_record(path: &Path) -> Result<Option<Image>, Error> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        Error::io(
+            format!("image record {} is corrupt (delete it and pull again)", path.display()),
+            io::Error::new(io::ErrorKind::InvalidData, e),
+        )
+    })
+}
+
+/// temp file in the same directory, fsync, rename, fsync the directory.
+fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".tmp-{name}-{}", unique_suffix()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(format!("writing {}", path.display()), e));
+    }
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(reference: &str, digest: &str) -> Image {
+        Image {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+            config: ImageConfig { cmd: vec!["sh".into()], ..ImageConfig::default() },
+            layers: vec![format!("sha256:{}", "a".repeat(64))],
+            size: 42,
+            pulled_at: "2024-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn index_survives_reopen_and_finds_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let d = format!("sha256:{}", "b".repeat(64));
+        write_record(&store.images, &sample("docker.io/library/busybox:latest", &d)).unwrap();
+        write_record(&store.images, &sample("ghcr.io/o/r:1", &d)).unwrap();
+        fs::write(store.images.join("garbage.json"), b"{").unwrap();
+
+        let store = ImageStore::open(dir.path()).unwrap();
+        let got = store.get(&Reference::parse("busybox").unwrap()).unwrap().unwrap();
+        assert_eq!(got.digest, d);
+        assert_eq!(got.config.cmd, vec!["sh".to_string()]);
+        assert!(store.get(&Reference::parse("busybox:2").unwrap()).unwrap().is_none());
+        let by_digest = store.get(&Reference::parse(&format!("busybox@{d}")).unwrap()).unwrap().unwrap();
+        assert_eq!(by_digest.reference, "docker.io/library/busybox:latest");
+        // Same digest in another repository is not a match.
+        assert!(store.get(&Reference::parse(&format!("other@{d}")).unwrap()).unwrap().is_none());
+
+        let all = store.list().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].reference, "docker.io/library/busybox:latest");
+        assert_eq!(store.layer_dirs(&all[0]), vec![dir.path().join("layers").join("a".repeat(64))]);
+    }
+
+    /// Concurrent pulls of one image from a real registry, when one is given:
+    /// `DELIVEROUS_TEST_IMAGE=127.0.0.1:5000/demo/app:1 cargo test -p deliverous-images`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_pulls_from_registry() {
+        let Ok(image) = std::env::var("DELIVEROUS_TEST_IMAGE") else {
+            eprintln!("DELIVEROUS_TEST_IMAGE not set: skipping the registry pull test");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ImageStore::open(dir.path()).unwrap());
+        let reference = Reference::parse(&image).unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (store, reference) = (store.clone(), reference.clone());
+            tasks.push(tokio::spawn(async move { store.pull(&reference, &PullOptions::default()).await }));
+        }
+        let mut digests = Vec::new();
+        for t in tasks {
+            digests.push(t.await.unwrap().unwrap().digest);
+        }
+        digests.dedup();
+        assert_eq!(digests.len(), 1);
+        let image = store.get(&reference).unwrap().unwrap();
+        for layer in store.layer_dirs(&image) {
+            assert!(layer.is_dir(), "{}", layer.display());
+        }
+        let leftovers: Vec<_> = [store.blobs.clone(), store.layers.clone(), store.images.clone()]
+            .iter()
+            .flat_map(|d| fs::read_dir(d).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn store_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ImageStore>();
+    }
+}

@@ -1,0 +1,492 @@
+//! Layer unpacking: turns one layer blob into a directory overlayfs can use as a lowerdir, with
+//! whiteouts in overlay form, after checking its diff_id and that every entry stays beneath the
+//! layer root.
+//!
+//! We do not use `tar::Archive::unpack`: a layer is untrusted input and we must decide ourselves
+//! what a path means. Every entry is resolved component by component from the layer root; each
+//! parent must be a real directory (never a symlink), `..` is refused, and the final component is
+//! replaced, never followed. Extraction happens in `layers/.tmp-<hex>-<unique>`, renamed into
+//! place only once the whole stream hashed to the expected diff_id, so a directory named by a
+//! diff_id is always complete.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{lchown, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use sha2::{Digest, Sha256};
+
+use crate::error::IoContext;
+use crate::Error;
+
+/// Prefix of an AUFS/OCI whiteout file name.
+const WHITEOUT_PREFIX: &str = ".wh.";
+/// Marks its directory as opaque: lower layers' contents are hidden.
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The xattr overlayfs reads to treat a directory as opaque.
+const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// Overlayfs interprets these itself (opaque, redirect, metacopy); a layer must not smuggle them in.
+const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// A bare tar stream.
+    None,
+    /// gzip (possibly multi-member).
+    Gzip,
+    /// zstd (possibly multi-frame).
+    Zstd,
+}
+
+impl Compression {
+    /// Maps OCI and Docker layer media types; `None` for anything we cannot unpack (encrypted,
+    /// unknown). The `nondistributable` and Docker `foreign` variants compress the same way.
+    pub fn from_media_type(media_type: &str) -> Option<Compression> {
+        let mt = media_type.trim();
+        if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") || mt.ends_with(".tar.gz") {
+            Some(Compression::Gzip)
+        } else if mt.ends_with("+zstd") || mt.ends_with(".tar.zstd") {
+            Some(Compression::Zstd)
+        } else if mt.ends_with(".tar") || mt.ends_with("+tar") {
+            Some(Compression::None)
+        } else {
+            None
+        }
+    }
+}
+
+/// Splits `sha256:<hex>` and checks the hex part, so it is safe to use as a directory name.
+pub fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(hex)
+}
+
+/// A name no other unpack (in this or another process) will pick.
+pub(crate) fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Unpacks the layer in `blob` into `layers_dir/<hex of diff_id>/` and returns that path.
+///
+/// Already-present layers are left alone. When two pulls race on the same layer, both unpack to
+/// their own temporary directory and the loser's rename fails harmlessly.
+pub fn unpack_layer(blob: &Path, compression: Compression, diff_id: &str, layers_dir: &Path) -> Result<PathBuf, Error> {
+    let unpack_err = |reason: String| Error::Unpack { layer: diff_id.to_string(), reason };
+    let hex = digest_hex(diff_id)
+        .ok_or_else(|| unpack_err("the diff_id is not \"sha256:\" followed by 64 lowercase hex digits".into()))?;
+    let target = layers_dir.join(hex);
+    if target.is_dir() {
+        return Ok(target);
+    }
+    let tmp = layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
+    fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
+
+    let result = unpack_into(blob, compression, diff_id, &tmp).and_then(|()| {
+        // One syncfs instead of an fsync per file: the rename below must not survive a crash
+        // that loses the files.
+        let dir = File::open(&tmp).context(|| format!("opening {}", tmp.display()))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
+            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e.into()))
+    });
+    if let Err(e) = result {
+        remove_tree(&tmp);
+        return Err(e);
+    }
+    match fs::rename(&tmp, &target) {
+        Ok(()) => {
+            sync_dir(layers_dir)?;
+            Ok(target)
+        }
+        // Another pull finished the same layer first: its copy is as good as ours.
+        Err(_) if target.is_dir() => {
+            remove_tree(&tmp);
+            Ok(target)
+        }
+        Err(e) => {
+            remove_tree(&tmp);
+            Err(Error::io(format!("moving {} to {}", tmp.display(), target.display()), e))
+        }
+    }
+}
+
+/// Removes an unfinished layer directory; failures are logged because the caller is already
+/// reporting the error that matters.
+fn remove_tree(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove unfinished layer directory");
+    }
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Extracts `blob` into the empty directory `root` and checks the uncompressed stream's sha256.
+pub fn unpack_into(blob: &Path, compression: Compression, diff_id: &str, root: &Path) -> Result<(), Error> {
+    let file = File::open(blob).context(|| format!("opening layer blob {}", blob.display()))?;
+    let file = BufReader::new(file);
+    let decompressed: Box<dyn Read> = match compression {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(file)
+                .context(|| format!("starting zstd decoder for {}", blob.display()))?,
+        ),
+    };
+    let mut hashing = HashingReader { inner: decompressed, hasher: Sha256::new() };
+    let unpack_err = |reason: String| Error::Unpack { layer: diff_id.to_string(), reason };
+
+    extract(&mut tar::Archive::new(&mut hashing), root).map_err(unpack_err)?;
+    // The diff_id covers the whole stream, including the end-of-archive padding tar stops at.
+    io::copy(&mut hashing, &mut io::sink())
+        .map_err(|e| unpack_err(format!("reading the end of the layer stream: {e}")))?;
+    let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+    if actual != diff_id {
+        return Err(Error::DigestMismatch {
+            what: format!("uncompressed layer {}", blob.display()),
+            expected: diff_id.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Owner, mode, mtime and xattrs of one entry, applied after it is created.
+struct Meta {
+    uid: u64,
+    gid: u64,
+    mode: u32,
+    mtime: i64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path) -> Result<(), String> {
+    // Directory mtimes are set last: creating children changes them.
+    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    let entries = archive.entries().map_err(|e| format!("not a tar stream: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("reading the next tar entry: {e}"))?;
+        let raw = entry.path().map_err(|e| format!("entry with an unreadable path: {e}"))?.into_owned();
+        let name = raw.display().to_string();
+        extract_entry(&mut entry, &raw, root, &mut dir_times).map_err(|e| format!("entry {name:?}: {e}"))?;
+    }
+    for (path, mtime) in dir_times.iter().rev() {
+        set_mtime(path, *mtime)?;
+    }
+    Ok(())
+}
+
+fn extract_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    raw: &Path,
+    root: &Path,
+    dir_times: &mut Vec<(PathBuf, i64)>,
+) -> Result<(), String> {
+    let kind = entry.header().entry_type();
+    let components = sanitize(raw)?;
+    let meta = read_meta(entry)?;
+
+    let Some((last, parents)) = components.split_last() else {
+        // "./" or "/": the layer root itself. Only its metadata can be set.
+        if kind.is_dir() {
+            apply_meta(root, &meta, false)?;
+            dir_times.push((root.to_path_buf(), meta.mtime));
+        }
+        return Ok(());
+    };
+    let parent = ensure_parents(root, parents)?;
+    let path = parent.join(last);
+
+    let last_str = last.to_string_lossy();
+    if let Some(hidden) = last_str.strip_prefix(WHITEOUT_PREFIX) {
+        if *last == OsStr::new(OPAQUE_MARKER) {
+            return set_xattr(&parent, OVERLAY_OPAQUE_XATTR, b"y")
+                .map_err(|e| format!("marking {} opaque: {e}", parent.display()));
+        }
+        if hidden.starts_with(WHITEOUT_PREFIX) {
+            // Other ".wh..wh." names are AUFS bookkeeping (hard link dirs): nothing to unpack.
+            tracing::debug!(path = %raw.display(), "skipping AUFS metadata entry");
+            return Ok(());
+        }
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(format!("whiteout names nothing (hidden name {hidden:?})"));
+        }
+        let target = parent.join(OsStr::from_bytes(&last.as_bytes()[WHITEOUT_PREFIX.len()..]));
+        clear(&target, false)?;
+        return mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+            .map_err(|e| format!("creating whiteout device {}: {e}", target.display()));
+    }
+
+    use tar::EntryType as T;
+    // Pre-POSIX tars mark directories only by a trailing slash on a regular-file entry.
+    let old_style_dir = kind == T::Regular && raw.as_os_str().as_bytes().ends_with(b"/");
+    match kind {
+        _ if old_style_dir => {
+            if !clear(&path, true)? {
+                fs::create_dir(&path).map_err(|e| format!("creating directory: {e}"))?;
+            }
+            apply_meta(&path, &meta, false)?;
+            dir_times.push((path, meta.mtime));
+        }
+        T::Directory => {
+            if !clear(&path, true)? {
+                fs::create_dir(&path).map_err(|e| format!("creating directory: {e}"))?;
+            }
+            apply_meta(&path, &meta, false)?;
+            dir_times.push((path, meta.mtime));
+        }
+        T::Regular | T::Continuous | T::GNUSparse => {
+            clear(&path, false)?;
+            // O_NOFOLLOW + create_new: we only ever write a file we just created.
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| format!("creating file: {e}"))?;
+            io::copy(entry, &mut file).map_err(|e| format!("writing file contents: {e}"))?;
+            drop(file);
+            apply_meta(&path, &meta, false)?;
+            set_mtime(&path, meta.mtime)?;
+        }
+        T::Symlink => {
+            let target = entry
+                .link_name()
+                .map_err(|e| format!("unreadable symlink target: {e}"))?
+                .ok_or("symlink without a target")?;
+            // The target is data interpreted inside the container, never by us.
+            clear(&path, false)?;
+            std::os::unix::fs::symlink(&target, &path).map_err(|e| format!("creating symlink: {e}"))?;
+            apply_meta(&path, &meta, true)?;
+            set_mtime(&path, meta.mtime)?;
+        }
+        T::Link => {
+            let target = entry
+                .link_name()
+                .map_err(|e| format!("unreadable hardlink target: {e}"))?
+                .ok_or("hardlink without a target")?;
+            let target_components =
+                sanitize(&target).map_err(|e| format!("hardlink target {:?}: {e}", target.display()))?;
+            let source = existing_path(root, &target_components)
+                .map_err(|e| format!("hardlink target {:?}: {e}", target.display()))?;
+            if source == path {
+                return Ok(());
+            }
+            clear(&path, false)?;
+            // link(2) does not follow a symlink source: the link shares the symlink's inode.
+            fs::hard_link(&source, &path).map_err(|e| format!("creating hardlink: {e}"))?;
+        }
+        T::Char | T::Block | T::Fifo => {
+            let sflag = match kind {
+                T::Char => SFlag::S_IFCHR,
+                T::Block => SFlag::S_IFBLK,
+                _ => SFlag::S_IFIFO,
+            };
+            let major = entry.header().device_major().ok().flatten().unwrap_or(0);
+            let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
+            clear(&path, false)?;
+            mknod(&path, sflag, Mode::from_bits_truncate(0o600), makedev(u64::from(major), u64::from(minor)))
+                .map_err(|e| format!("creating device node: {e}"))?;
+            apply_meta(&path, &meta, false)?;
+            set_mtime(&path, meta.mtime)?;
+        }
+        T::XGlobalHeader => {}
+        other => {
+            tracing::warn!(path = %raw.display(), kind = ?other, "skipping unsupported tar entry type");
+        }
+    }
+    Ok(())
+}
+
+/// Turns a tar path into components relative to the layer root. A leading `/` is dropped (tar
+/// paths are relative to the layer root whatever they say), `.` is ignored, `..` is refused:
+/// it is never needed in a well-formed layer and only serves to escape.
+pub(crate) fn sanitize(path: &Path) -> Result<Vec<OsString>, String> {
+    let mut out = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n.to_os_string()),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!(
+                    "path {:?} contains \"..\"; layer paths must stay beneath the layer root",
+                    path.display()
+                ))
+            }
+            Component::Prefix(_) => return Err("path has a Windows prefix".into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Walks `parents` from `root`, creating missing directories, and refuses any component that
+/// exists as something other than a real directory (a symlink there could point anywhere).
+fn ensure_parents(root: &Path, parents: &[OsString]) -> Result<PathBuf, String> {
+    let mut p = root.to_path_buf();
+    for c in parents {
+        p.push(c);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(m) => {
+                let what = if m.file_type().is_symlink() { "a symlink" } else { "not a directory" };
+                return Err(format!("parent {:?} is {what}; refusing to write through it", relative(root, &p)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Implicit parents get Docker's default mode; a later entry may fix it.
+                fs::create_dir(&p).map_err(|e| format!("creating parent {}: {e}", p.display()))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| format!("setting mode of {}: {e}", p.display()))?;
+            }
+            Err(e) => return Err(format!("inspecting {}: {e}", p.display())),
+        }
+    }
+    Ok(p)
+}
+
+/// Resolves a hardlink target: it must already be extracted in this layer, reached through real
+/// directories only, and must not be a directory.
+fn existing_path(root: &Path, components: &[OsString]) -> Result<PathBuf, String> {
+    let Some((last, parents)) = components.split_last() else {
+        return Err("it is the layer root".into());
+    };
+    let mut p = root.to_path_buf();
+    for c in parents {
+        p.push(c);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => return Err(format!("{:?} is not a real directory", relative(root, &p))),
+            Err(_) => return Err("it has not been extracted (earlier in this layer)".into()),
+        }
+    }
+    p.push(last);
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.file_type().is_dir() => Err("it is a directory".into()),
+        Ok(_) => Ok(p),
+        Err(_) => Err("it has not been extracted (earlier in this layer)".into()),
+    }
+}
+
+fn relative(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+/// Makes room for a new entry at `path` without following anything. Returns true when `path`
+/// is a directory that was kept because `keep_dir` asked for it.
+fn clear(path: &Path, keep_dir: bool) -> Result<bool, String> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("inspecting {}: {e}", path.display())),
+        Ok(m) if m.file_type().is_dir() => {
+            if keep_dir {
+                Ok(true)
+            } else {
+                fs::remove_dir_all(path).map_err(|e| format!("replacing directory {}: {e}", path.display()))?;
+                Ok(false)
+            }
+        }
+        Ok(_) => {
+            fs::remove_file(path).map_err(|e| format!("replacing {}: {e}", path.display()))?;
+            Ok(false)
+        }
+    }
+}
+
+fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
+    let h = entry.header();
+    let mut meta = Meta {
+        uid: h.uid().map_err(|e| format!("bad uid field: {e}"))?,
+        gid: h.gid().map_err(|e| format!("bad gid field: {e}"))?,
+        mode: h.mode().map_err(|e| format!("bad mode field: {e}"))? & 0o7777,
+        mtime: i64::try_from(h.mtime().map_err(|e| format!("bad mtime field: {e}"))?).unwrap_or(i64::MAX),
+        xattrs: Vec::new(),
+    };
+    let Some(pax) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? else {
+        return Ok(meta);
+    };
+    for ext in pax {
+        let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
+        let Ok(key) = ext.key() else { continue };
+        if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
+            meta.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            continue;
+        }
+        // PAX carries ids and times that do not fit the ustar fields.
+        let value = ext.value().ok();
+        match key {
+            "uid" => meta.uid = value.and_then(|v| v.parse().ok()).unwrap_or(meta.uid),
+            "gid" => meta.gid = value.and_then(|v| v.parse().ok()).unwrap_or(meta.gid),
+            "mtime" => meta.mtime = value.and_then(|v| v.split('.').next()?.parse().ok()).unwrap_or(meta.mtime),
+            _ => {}
+        }
+    }
+    Ok(meta)
+}
+
+/// Owner first, then mode (chown clears setuid/setgid), then xattrs.
+fn apply_meta(path: &Path, meta: &Meta, is_symlink: bool) -> Result<(), String> {
+    let uid = u32::try_from(meta.uid).map_err(|_| format!("uid {} out of range", meta.uid))?;
+    let gid = u32::try_from(meta.gid).map_err(|_| format!("gid {} out of range", meta.gid))?;
+    lchown(path, Some(uid), Some(gid)).map_err(|e| format!("chown {uid}:{gid}: {e}"))?;
+    if !is_symlink {
+        // `path` was just created by us or checked to be a real directory: no symlink to follow.
+        fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
+            .map_err(|e| format!("chmod {:o}: {e}", meta.mode))?;
+    }
+    for (name, value) in &meta.xattrs {
+        if name.starts_with(OVERLAY_XATTR_PREFIX) {
+            tracing::warn!(path = %path.display(), xattr = %name, "ignoring overlay xattr from layer");
+            continue;
+        }
+        set_xattr(path, name, value).map_err(|e| format!("setting xattr {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn set_mtime(path: &Path, mtime: i64) -> Result<(), String> {
+    let t = TimeSpec::new(mtime, 0);
+    utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink)
+        .map_err(|e| format!("setting mtime of {}: {e}", path.display()))
+}
+
+/// lsetxattr(2): never follows a symlink at `path`.
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let c_name =
+        CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    // SAFETY: both strings are NUL-terminated CStrings that outlive the call, and `value` is a
+    // valid slice whose pointer and length are passed together.
+    let rc = unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+#[path = "unpack_tests.rs"]
+mod tests;

@@ -1,0 +1,394 @@
+//! The HTTP API under `/v1`: validates requests, turns them into changes of desired state,
+//! asks the supervisor to converge, and maps every failure to a status and a message.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
+use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
+
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.message}))).into_response()
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        use deliverous_images::Error as I;
+        let status = match &e {
+            SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
+            SupervisorError::Conflict(_) => StatusCode::CONFLICT,
+            SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SupervisorError::Image(I::NotFound { .. }) => StatusCode::NOT_FOUND,
+            SupervisorError::Image(I::Unreachable { .. }) => StatusCode::BAD_GATEWAY,
+            SupervisorError::Image(i) if i.is_user_error() => StatusCode::BAD_REQUEST,
+            SupervisorError::Image(I::Registry { .. }) | SupervisorError::Image(I::DigestMismatch { .. }) => {
+                StatusCode::BAD_GATEWAY
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<apps::store::StoreError> for ApiError {
+    fn from(e: apps::store::StoreError) -> Self {
+        SupervisorError::from(e).into()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A JSON body whose syntax or shape errors become a 400 with serde's explanation.
+fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    payload.map(|Json(v)| v).map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))
+}
+
+/// A size given as bytes (`134217728`) or text (`"128M"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    /// `None` for `0` / `"none"`: no limit.
+    fn bytes(&self) -> Result<Option<u64>, ApiError> {
+        let n = match self {
+            Size::Bytes(n) => *n,
+            Size::Text(t) if t.eq_ignore_ascii_case("none") => 0,
+            Size::Text(t) => parse_bytes(t).map_err(ApiError::bad_request)?,
+        };
+        Ok((n > 0).then_some(n))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    pub name: String,
+    pub image: String,
+    pub port: u16,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub memory: Option<Size>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub instances: Option<i64>,
+}
+
+/// A change of configuration: only the fields present change. `env` values of `null` unset the
+/// variable; `memory` `0`/`"none"` and `cpus` `0` remove the limit.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    pub image: Option<String>,
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub env: BTreeMap<String, Option<String>>,
+    pub memory: Option<Size>,
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub add_domains: Vec<String>,
+    #[serde(default)]
+    pub remove_domains: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    pub instances: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pull {
+    pub reference: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevisionView {
+    pub number: u32,
+    pub image: String,
+    pub digest: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AppView {
+    pub name: String,
+    pub state: &'static str,
+    pub image: String,
+    pub port: u16,
+    pub env: BTreeMap<String, String>,
+    pub memory: Option<String>,
+    pub cpus: Option<f64>,
+    pub domains: Vec<String>,
+    pub hosts: Vec<String>,
+    pub instances_desired: u32,
+    pub revision: Option<RevisionView>,
+    pub instances: Vec<InstanceView>,
+    pub restarts: Restarts,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
+    let revision = match app.revision {
+        Some(n) => sup.store().revision(&app.name, n)?.map(|r| RevisionView {
+            number: r.number,
+            image: r.image,
+            digest: r.digest,
+            created_at: r.created_at,
+        }),
+        None => None,
+    };
+    Ok(AppView {
+        name: app.name.clone(),
+        state: if app.running { "running" } else { "stopped" },
+        image: app.spec.image.clone(),
+        port: app.spec.port,
+        env: app.spec.env.clone(),
+        memory: app.spec.memory.map(format_bytes),
+        cpus: app.spec.cpus,
+        domains: app.spec.domains.clone(),
+        hosts: sup.hosts_of(app),
+        instances_desired: app.instances,
+        revision,
+        instances: sup.instances_of(&app.name),
+        restarts: sup.restarts_of(&app.name),
+        created_at: app.created_at.clone(),
+        updated_at: app.updated_at.clone(),
+    })
+}
+
+fn find(sup: &Supervisor, name: &str) -> Result<App, ApiError> {
+    sup.store()
+        .app(name)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no app named {name:?}: see `deliverous app ls`")))
+}
+
+fn check_count(n: i64) -> Result<u32, ApiError> {
+    if (0..=MAX_INSTANCES).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid instance count {n}: expected a whole number from 0 to {MAX_INSTANCES}"
+        )))
+    }
+}
+
+pub fn router(sup: Arc<Supervisor>) -> Router {
+    Router::new()
+        .route("/v1/apps", post(create_app).get(list_apps))
+        .route("/v1/apps/{name}", get(show_app).patch(config_app).delete(remove_app))
+        .route("/v1/apps/{name}/start", post(start_app))
+        .route("/v1/apps/{name}/stop", post(stop_app))
+        .route("/v1/apps/{name}/scale", put(scale_app))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/pull", post(pull_image))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
+        .with_state(sup)
+}
+
+async fn create_app(
+    State(sup): State<Arc<Supervisor>>,
+    payload: Result<Json<CreateApp>, JsonRejection>,
+) -> Result<(StatusCode, Json<AppView>), ApiError> {
+    let req = body(payload)?;
+    apps::validate_name(&req.name).map_err(ApiError::bad_request)?;
+    let spec = AppSpec {
+        image: req.image,
+        port: req.port,
+        env: req.env,
+        memory: match &req.memory {
+            Some(m) => m.bytes()?,
+            None => None,
+        },
+        cpus: req.cpus.filter(|c| *c != 0.0),
+        domains: req.domains,
+    };
+    spec.validate().map_err(ApiError::bad_request)?;
+    let instances = check_count(req.instances.unwrap_or(1))?;
+    if !sup.store().create_app(&req.name, &spec, instances)? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "an app named {:?} already exists: pick another name, or change it with `deliverous app config`",
+                req.name
+            ),
+        ));
+    }
+    let app = find(&sup, &req.name)?;
+    sup.publish_routes();
+    Ok((StatusCode::CREATED, Json(view(&sup, &app)?)))
+}
+
+async fn list_apps(State(sup): State<Arc<Supervisor>>) -> ApiResult<Vec<AppView>> {
+    let apps = sup.store().apps()?;
+    Ok(Json(apps.iter().map(|a| view(&sup, a)).collect::<Result<_, _>>()?))
+}
+
+async fn show_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> ApiResult<AppView> {
+    Ok(Json(view(&sup, &find(&sup, &name)?)?))
+}
+
+/// Moves a running app to a new revision of `spec`; on failure, back to the old one.
+async fn deploy(sup: &Arc<Supervisor>, mut app: App, spec: AppSpec) -> Result<App, ApiError> {
+    let image = sup.resolve_image(&spec.image).await?;
+    let rev = sup.store().revision_for(&app.name, &image.reference, &image.digest, &spec)?;
+    let previous = (app.spec.clone(), app.revision, app.running);
+    app.spec = spec;
+    app.revision = Some(rev.number);
+    app.running = true;
+    if app.instances == 0 && !previous.2 {
+        app.instances = 1;
+    }
+    sup.store().update_app(&app)?;
+    if let Err(e) = sup.converge(&app.name).await {
+        (app.spec, app.revision, app.running) = previous;
+        sup.store().update_app(&app)?;
+        if let Err(again) = sup.converge(&app.name).await {
+            tracing::error!(app = %app.name, "rolling back after a failed deploy: {again}");
+        }
+        return Err(e.into());
+    }
+    Ok(app)
+}
+
+async fn start_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> ApiResult<AppView> {
+    let _guard = sup.lock_app(&name).await;
+    let app = find(&sup, &name)?;
+    let spec = app.spec.clone();
+    let app = deploy(&sup, app, spec).await?;
+    Ok(Json(view(&sup, &app)?))
+}
+
+async fn stop_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> ApiResult<AppView> {
+    let _guard = sup.lock_app(&name).await;
+    let mut app = find(&sup, &name)?;
+    app.running = false;
+    sup.store().update_app(&app)?;
+    sup.converge(&name).await?;
+    Ok(Json(view(&sup, &app)?))
+}
+
+async fn config_app(
+    State(sup): State<Arc<Supervisor>>,
+    Path(name): Path<String>,
+    payload: Result<Json<ConfigPatch>, JsonRejection>,
+) -> ApiResult<AppView> {
+    let patch = body(payload)?;
+    let _guard = sup.lock_app(&name).await;
+    let mut app = find(&sup, &name)?;
+    let mut spec = app.spec.clone();
+    if let Some(image) = patch.image {
+        spec.image = image;
+    }
+    if let Some(port) = patch.port {
+        spec.port = port;
+    }
+    for (k, v) in patch.env {
+        match v {
+            Some(v) => spec.env.insert(k, v),
+            None => spec.env.remove(&k),
+        };
+    }
+    if let Some(m) = &patch.memory {
+        spec.memory = m.bytes()?;
+    }
+    if let Some(c) = patch.cpus {
+        spec.cpus = (c != 0.0).then_some(c);
+    }
+    for d in patch.add_domains {
+        let d = d.to_ascii_lowercase();
+        if !spec.domains.contains(&d) {
+            spec.domains.push(d);
+        }
+    }
+    spec.domains.retain(|d| !patch.remove_domains.iter().any(|r| r.eq_ignore_ascii_case(d)));
+    spec.validate().map_err(ApiError::bad_request)?;
+    if spec == app.spec {
+        return Ok(Json(view(&sup, &app)?));
+    }
+    let app = if app.running {
+        deploy(&sup, app, spec).await?
+    } else {
+        app.spec = spec;
+        sup.store().update_app(&app)?;
+        sup.publish_routes();
+        app
+    };
+    Ok(Json(view(&sup, &app)?))
+}
+
+async fn scale_app(
+    State(sup): State<Arc<Supervisor>>,
+    Path(name): Path<String>,
+    payload: Result<Json<Scale>, JsonRejection>,
+) -> ApiResult<AppView> {
+    let n = check_count(body(payload)?.instances)?;
+    let _guard = sup.lock_app(&name).await;
+    let mut app = find(&sup, &name)?;
+    app.instances = n;
+    sup.store().update_app(&app)?;
+    if app.running {
+        sup.converge(&name).await?;
+    }
+    Ok(Json(view(&sup, &app)?))
+}
+
+async fn remove_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let _guard = sup.lock_app(&name).await;
+    let mut app = find(&sup, &name)?;
+    app.running = false;
+    sup.store().update_app(&app)?;
+    sup.converge(&name).await?;
+    sup.store().delete_app(&name)?;
+    sup.publish_routes();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_images(State(sup): State<Arc<Supervisor>>) -> Result<Json<Value>, ApiError> {
+    let images = sup.images().list().map_err(SupervisorError::from)?;
+    Ok(Json(serde_json::to_value(images).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?))
+}
+
+async fn pull_image(
+    State(sup): State<Arc<Supervisor>>,
+    payload: Result<Json<Pull>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req = body(payload)?;
+    let reference = deliverous_images::Reference::parse(&req.reference).map_err(SupervisorError::from)?;
+    let image = sup.images().pull(&reference, &sup.pull_options()).await.map_err(SupervisorError::from)?;
+    Ok(Json(serde_json::to_value(image).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?))
+}

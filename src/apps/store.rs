@@ -1,0 +1,282 @@
+//! The SQLite store of desired state: apps, their immutable revisions, and the instances the
+//! supervisor created (with their IP leases), so a restarted daemon finds everything again.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{now, App, AppSpec, Revision};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database holds an unreadable record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("no free IP address left in the instance subnet")]
+    SubnetFull,
+}
+
+/// An instance as persisted: enough to re-attach to its shim or clean up after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRow {
+    pub uid: String,
+    pub app: String,
+    pub slot: u32,
+    pub revision: u32,
+    pub ip: Ipv4Addr,
+    pub created_at: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS apps (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    running INTEGER NOT NULL,
+    revision INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (app, number)
+);
+CREATE TABLE IF NOT EXISTS instances (
+    uid TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    ip TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent: it has its own
+        // transactions. Keep serving.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inserts a new app; `Ok(false)` if the name is taken.
+    pub fn create_app(&self, name: &str, spec: &AppSpec, instances: u32) -> Result<bool, StoreError> {
+        let t = now();
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO apps (name, spec, instances, running, revision, created_at, updated_at) VALUES (?1, ?2, ?3, 0, NULL, ?4, ?4)",
+            params![name, serde_json::to_string(spec)?, instances, t],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn app(&self, name: &str) -> Result<Option<App>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, spec, instances, running, revision, created_at, updated_at FROM apps WHERE name = ?1",
+        )?;
+        let row = stmt.query_row(params![name], row_to_raw).optional()?;
+        row.map(raw_to_app).transpose()
+    }
+
+    pub fn apps(&self) -> Result<Vec<App>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, spec, instances, running, revision, created_at, updated_at FROM apps ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], row_to_raw)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(raw_to_app).collect()
+    }
+
+    pub fn update_app(&self, app: &App) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE apps SET spec = ?2, instances = ?3, running = ?4, revision = ?5, updated_at = ?6 WHERE name = ?1",
+            params![app.name, serde_json::to_string(&app.spec)?, app.instances, app.running, app.revision, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_app(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM apps WHERE name = ?1", params![name])? == 1)
+    }
+
+    /// Returns the app's latest revision if it has exactly this image digest and spec, else
+    /// records a new one. Revisions are never modified.
+    pub fn revision_for(&self, app: &str, image: &str, digest: &str, spec: &AppSpec) -> Result<Revision, StoreError> {
+        let conn = self.conn();
+        let latest = conn
+            .query_row(
+                "SELECT number, image, digest, spec, created_at FROM revisions WHERE app = ?1 ORDER BY number DESC LIMIT 1",
+                params![app],
+                |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?)),
+            )
+            .optional()?;
+        if let Some((number, image_l, digest_l, spec_l, created_at)) = &latest {
+            let spec_l: AppSpec = serde_json::from_str(spec_l)?;
+            if digest_l == digest && &spec_l == spec {
+                return Ok(Revision {
+                    number: *number,
+                    image: image_l.clone(),
+                    digest: digest_l.clone(),
+                    spec: spec_l,
+                    created_at: created_at.clone(),
+                });
+            }
+        }
+        let number = latest.map(|l| l.0 + 1).unwrap_or(1);
+        let created_at = now();
+        conn.execute(
+            "INSERT INTO revisions (app, number, image, digest, spec, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![app, number, image, digest, serde_json::to_string(spec)?, created_at],
+        )?;
+        Ok(Revision { number, image: image.to_string(), digest: digest.to_string(), spec: spec.clone(), created_at })
+    }
+
+    pub fn revision(&self, app: &str, number: u32) -> Result<Option<Revision>, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT number, image, digest, spec, created_at FROM revisions WHERE app = ?1 AND number = ?2",
+                params![app, number],
+                |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(number, image, digest, spec, created_at)| {
+            Ok(Revision { number, image, digest, spec: serde_json::from_str(&spec)?, created_at })
+        })
+        .transpose()
+    }
+
+    /// Records a new instance and leases it the lowest free address of `hosts`.
+    pub fn insert_instance(
+        &self,
+        uid: &str,
+        app: &str,
+        slot: u32,
+        revision: u32,
+        hosts: impl Iterator<Item = Ipv4Addr>,
+    ) -> Result<InstanceRow, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let used: std::collections::HashSet<String> = {
+            let mut stmt = tx.prepare_cached("SELECT ip FROM instances")?;
+            let ips = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+            ips
+        };
+        let ip = hosts.into_iter().find(|ip| !used.contains(&ip.to_string())).ok_or(StoreError::SubnetFull)?;
+        let created_at = now();
+        tx.execute(
+            "INSERT INTO instances (uid, app, slot, revision, ip, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![uid, app, slot, revision, ip.to_string(), created_at],
+        )?;
+        tx.commit()?;
+        Ok(InstanceRow { uid: uid.to_string(), app: app.to_string(), slot, revision, ip, created_at })
+    }
+
+    pub fn instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT uid, app, slot, revision, ip, created_at FROM instances")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(uid, app, slot, revision, ip, created_at)| {
+                Some(InstanceRow { uid, app, slot, revision, ip: ip.parse().ok()?, created_at })
+            })
+            .collect())
+    }
+
+    /// Forgets an instance and frees its address.
+    pub fn delete_instance(&self, uid: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM instances WHERE uid = ?1", params![uid])?;
+        Ok(())
+    }
+}
+
+type RawApp = (String, String, u32, bool, Option<u32>, String, String);
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawApp> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
+
+fn raw_to_app((name, spec, instances, running, revision, created_at, updated_at): RawApp) -> Result<App, StoreError> {
+    Ok(App { name, spec: serde_json::from_str(&spec)?, instances, running, revision, created_at, updated_at })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> AppSpec {
+        AppSpec { image: "r/x:1".into(), port: 80, env: Default::default(), memory: None, cpus: None, domains: vec![] }
+    }
+
+    #[test]
+    fn apps_revisions_and_leases_persist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let s = Store::open(&path).expect("open");
+            assert!(s.create_app("web", &spec(), 1).expect("create"));
+            assert!(!s.create_app("web", &spec(), 1).expect("duplicate"));
+            let r1 = s.revision_for("web", "r/x:1", "sha256:a", &spec()).expect("rev");
+            let again = s.revision_for("web", "r/x:1", "sha256:a", &spec()).expect("rev");
+            assert_eq!(r1.number, again.number);
+            let mut changed = spec();
+            changed.env.insert("A".into(), "1".into());
+            assert_eq!(s.revision_for("web", "r/x:1", "sha256:a", &changed).expect("rev").number, 2);
+            let hosts = || (2..5u8).map(|i| Ipv4Addr::new(10, 0, 0, i));
+            let a = s.insert_instance("a", "web", 1, 1, hosts()).expect("lease");
+            let b = s.insert_instance("b", "web", 2, 1, hosts()).expect("lease");
+            assert_eq!((a.ip, b.ip), (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)));
+            s.delete_instance("a").expect("delete");
+            assert_eq!(s.insert_instance("c", "web", 3, 1, hosts()).expect("lease").ip, Ipv4Addr::new(10, 0, 0, 2));
+            s.insert_instance("d", "web", 4, 1, hosts()).expect("lease");
+            assert!(matches!(s.insert_instance("e", "web", 5, 1, hosts()), Err(StoreError::SubnetFull)));
+        }
+        let s = Store::open(&path).expect("reopen");
+        assert_eq!(s.apps().expect("apps").len(), 1);
+        assert_eq!(s.instances().expect("instances").len(), 3);
+        assert!(s.delete_app("web").expect("delete"));
+        assert!(s.revision("web", 1).expect("query").is_none());
+    }
+}

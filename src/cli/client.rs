@@ -1,0 +1,74 @@
+//! The CLI's HTTP client: one request per connection to the daemon's unix socket.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// Where the daemon listens: `unix:/run/deliverous/api.sock` (or a bare path).
+#[derive(Debug, Clone)]
+pub struct Host {
+    socket: PathBuf,
+}
+
+impl Host {
+    pub fn parse(text: &str) -> Result<Host, String> {
+        let path = text.strip_prefix("unix://").or_else(|| text.strip_prefix("unix:")).unwrap_or(text);
+        if path.starts_with('/') {
+            Ok(Host { socket: PathBuf::from(path) })
+        } else {
+            Err(format!("invalid --host {text:?}: expected unix:/path/to/api.sock"))
+        }
+    }
+}
+
+pub enum CallError {
+    /// The daemon could not be reached at all.
+    Unreachable(String),
+    /// The daemon answered with an error.
+    Api { status: StatusCode, message: String },
+}
+
+pub async fn call(host: &Host, method: Method, path: &str, body: Option<Value>) -> Result<Value, CallError> {
+    let unreachable = |e: String| {
+        CallError::Unreachable(format!(
+            "cannot reach the deliverous daemon at unix:{}: {e}; is `deliverous daemon` running? (--host or DELIVEROUS_HOST point elsewhere)",
+            host.socket.display()
+        ))
+    };
+    let stream = tokio::net::UnixStream::connect(&host.socket).await.map_err(|e| unreachable(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let payload = match &body {
+        Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| unreachable(e.to_string()))?),
+        None => Bytes::new(),
+    };
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "deliverous")
+        .header("content-type", "application/json")
+        .body(Full::new(payload))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+    let value: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    if status.is_success() {
+        Ok(value)
+    } else {
+        let message =
+            value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
+        Err(CallError::Api { status, message })
+    }
+}

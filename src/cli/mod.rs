@@ -1,0 +1,381 @@
+//! Client commands: turn `deliverous app …` / `image …` into API calls and print the answers
+//! as aligned tables or, with `--json`, as JSON.
+
+mod client;
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::{json, Map, Value};
+
+pub use client::Host;
+use client::{call, CallError};
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Declare an app from an image.
+    #[command(
+        after_help = "Example:\n  deliverous app create web --image registry.example.com/shop/web:1.4 --port 8080 -e MODE=prod --memory 256M"
+    )]
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        /// TCP port the app listens on (it also gets it as $PORT).
+        #[arg(long)]
+        port: u16,
+        #[command(flatten)]
+        settings: Settings,
+        /// Instances to run once started.
+        #[arg(long, allow_negative_numbers = true)]
+        instances: Option<i64>,
+    },
+    /// Change an app's configuration; a running app rolls to a new revision.
+    #[command(
+        after_help = "Example:\n  deliverous app config web -e GREETING=hello --memory 128M --cpus 0.5 --port 8080"
+    )]
+    Config {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[command(flatten)]
+        settings: Settings,
+        /// Remove an environment variable.
+        #[arg(long = "unset", value_name = "KEY")]
+        unset: Vec<String>,
+        /// Stop routing a host name to the app.
+        #[arg(long = "remove-domain", value_name = "DOMAIN")]
+        remove_domains: Vec<String>,
+    },
+    /// Pull the image if needed and start the app's instances.
+    Start { name: String },
+    /// Stop every instance; the app stays declared.
+    Stop { name: String },
+    /// Set the number of instances (0 to 1000).
+    #[command(allow_negative_numbers = true)]
+    Scale { name: String, instances: i64 },
+    /// Stop and delete an app.
+    Rm { name: String },
+    /// List apps.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// An app's configuration, revision and instances.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct Settings {
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Memory limit per instance, e.g. 128M or 1G ("none" removes it).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPUs per instance, e.g. 0.5 (0 removes the limit).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Extra host name routed to the app (repeatable).
+    #[arg(long = "domain", value_name = "DOMAIN")]
+    domains: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Pull an image from its registry.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List local images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exit codes: 0 success, 1 the daemon refused or failed, 2 bad usage, 3 daemon unreachable.
+fn fail(e: CallError) -> ExitCode {
+    match e {
+        CallError::Unreachable(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(3)
+        }
+        CallError::Api { status, message } => {
+            eprintln!("error: {message} ({})", status.as_u16());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn usage(msg: String) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(2)
+}
+
+fn parse_env(pairs: &[String]) -> Result<Map<String, Value>, String> {
+    let mut env = Map::new();
+    for p in pairs {
+        let (k, v) = p.split_once('=').ok_or_else(|| format!("invalid -e {p:?}: expected KEY=VALUE"))?;
+        env.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    Ok(env)
+}
+
+pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
+    let result = match cmd {
+        AppCommand::Create { name, image, port, settings, instances } => {
+            let env = match parse_env(&settings.env) {
+                Ok(e) => e,
+                Err(m) => return usage(m),
+            };
+            let mut body = json!({"name": name, "image": image, "port": port, "env": env, "domains": settings.domains});
+            if let Some(m) = settings.memory {
+                body["memory"] = json!(m);
+            }
+            if let Some(c) = settings.cpus {
+                body["cpus"] = json!(c);
+            }
+            if let Some(n) = instances {
+                body["instances"] = json!(n);
+            }
+            call(host, Method::POST, "/v1/apps", Some(body)).await.map(|app| {
+                println!(
+                    "created app {} ({}), not started: `deliverous app start {}`",
+                    name,
+                    app["image"].as_str().unwrap_or(""),
+                    name
+                );
+            })
+        }
+        AppCommand::Config { name, image, port, settings, unset, remove_domains } => {
+            let mut env = match parse_env(&settings.env) {
+                Ok(e) => e,
+                Err(m) => return usage(m),
+            };
+            for k in unset {
+                env.insert(k, Value::Null);
+            }
+            let mut body = json!({"env": env, "add_domains": settings.domains, "remove_domains": remove_domains});
+            if let Some(i) = image {
+                body["image"] = json!(i);
+            }
+            if let Some(p) = port {
+                body["port"] = json!(p);
+            }
+            if let Some(m) = settings.memory {
+                body["memory"] = json!(m);
+            }
+            if let Some(c) = settings.cpus {
+                body["cpus"] = json!(c);
+            }
+            call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| summary(&app))
+        }
+        AppCommand::Start { name } => {
+            call(host, Method::POST, &format!("/v1/apps/{name}/start"), None).await.map(|app| summary(&app))
+        }
+        AppCommand::Stop { name } => {
+            call(host, Method::POST, &format!("/v1/apps/{name}/stop"), None).await.map(|app| summary(&app))
+        }
+        AppCommand::Scale { name, instances } => {
+            call(host, Method::PUT, &format!("/v1/apps/{name}/scale"), Some(json!({"instances": instances})))
+                .await
+                .map(|app| summary(&app))
+        }
+        AppCommand::Rm { name } => {
+            call(host, Method::DELETE, &format!("/v1/apps/{name}"), None).await.map(|_| println!("removed app {name}"))
+        }
+        AppCommand::Ls { json } => call(host, Method::GET, "/v1/apps", None).await.map(|apps| {
+            if json {
+                print_json(&apps);
+            } else {
+                let rows: Vec<Vec<String>> = apps
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        let running = a["instances"]
+                            .as_array()
+                            .map(|i| i.iter().filter(|x| x["state"] == "running").count())
+                            .unwrap_or(0);
+                        vec![
+                            s(&a["name"]),
+                            s(&a["state"]),
+                            format!("{running}/{}", a["instances_desired"]),
+                            s(&a["image"]),
+                            a["port"].to_string(),
+                            a["hosts"]
+                                .as_array()
+                                .map(|h| h.iter().map(s).collect::<Vec<_>>().join(","))
+                                .unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "STATE", "INSTANCES", "IMAGE", "PORT", "HOSTS"], rows);
+            }
+        }),
+        AppCommand::Show { name, json } => {
+            call(host, Method::GET, &format!("/v1/apps/{name}"), None).await.map(|app| {
+                if json {
+                    print_json(&app);
+                } else {
+                    show(&app);
+                }
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+pub async fn run_image(host: &Host, cmd: ImageCommand) -> ExitCode {
+    let result = match cmd {
+        ImageCommand::Pull { reference, json } => {
+            if !json {
+                eprintln!("pulling {reference}…");
+            }
+            call(host, Method::POST, "/v1/images/pull", Some(json!({"reference": reference}))).await.map(|img| {
+                if json {
+                    print_json(&img);
+                } else {
+                    println!("{}@{}", s(&img["reference"]), s(&img["digest"]));
+                }
+            })
+        }
+        ImageCommand::Ls { json } => call(host, Method::GET, "/v1/images", None).await.map(|imgs| {
+            if json {
+                print_json(&imgs);
+            } else {
+                let rows = imgs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        let digest = s(&i["digest"]);
+                        vec![
+                            s(&i["reference"]),
+                            digest.get(..19).unwrap_or(&digest).to_string(),
+                            i["layers"].as_array().map(|l| l.len()).unwrap_or(0).to_string(),
+                            i["size"].as_u64().map(crate::apps::format_bytes).unwrap_or_default(),
+                            s(&i["pulled_at"]),
+                        ]
+                    })
+                    .collect();
+                table(&["REFERENCE", "DIGEST", "LAYERS", "SIZE", "PULLED"], rows);
+            }
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+fn summary(app: &Value) {
+    let running =
+        app["instances"].as_array().map(|i| i.iter().filter(|x| x["state"] == "running").count()).unwrap_or(0);
+    let rev = app["revision"]["number"].as_u64().map(|n| format!(", revision {n}")).unwrap_or_default();
+    println!(
+        "{}: {}, {running}/{} instances running{rev}",
+        s(&app["name"]),
+        s(&app["state"]),
+        app["instances_desired"]
+    );
+}
+
+fn show(app: &Value) {
+    let env = app["env"]
+        .as_object()
+        .map(|e| e.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    let lines = [
+        ("name", s(&app["name"])),
+        ("state", s(&app["state"])),
+        ("image", s(&app["image"])),
+        ("port", app["port"].to_string()),
+        ("env", env),
+        ("memory", s(&app["memory"])),
+        ("cpus", s(&app["cpus"])),
+        ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
+        ("instances", s(&app["instances_desired"])),
+        (
+            "revision",
+            match app["revision"].as_object() {
+                Some(r) => format!("{} ({}@{})", r["number"], s(&r["image"]), s(&r["digest"])),
+                None => "-".into(),
+            },
+        ),
+        (
+            "restarts",
+            match app["restarts"]["last_exit"].as_str() {
+                Some(last) => {
+                    format!("{} (last: {last} at {})", app["restarts"]["count"], s(&app["restarts"]["last_exit_at"]))
+                }
+                None => app["restarts"]["count"].to_string(),
+            },
+        ),
+    ];
+    for (k, v) in lines {
+        println!("{:<10} {v}", format!("{k}:"));
+    }
+    let rows: Vec<Vec<String>> = app["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            vec![
+                s(&i["name"]),
+                s(&i["id"]),
+                s(&i["ip"]),
+                s(&i["state"]),
+                s(&i["revision"]),
+                s(&i["pid"]),
+                s(&i["started_at"]),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!();
+        table(&["INSTANCE", "ID", "IP", "STATE", "REVISION", "PID", "STARTED"], rows);
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}

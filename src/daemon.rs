@@ -1,0 +1,187 @@
+//! `deliverous daemon`: opens the state, prepares the host network, re-attaches to running
+//! instances, and serves the API (unix socket) and the proxy (TCP) until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use deliverous_images::ImageStore;
+use deliverous_runtime::network::{HostNetwork, NetworkConfig};
+
+use crate::apps::store::Store;
+use crate::proxy::{Proxy, RouteTable};
+use crate::supervisor::{Settings, Supervisor};
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Where state, images and instance directories live.
+    #[arg(long, default_value = "/var/lib/deliverous")]
+    data_dir: PathBuf,
+    /// Where sockets, namespaces and runtime state live.
+    #[arg(long, default_value = "/run/deliverous")]
+    run_dir: PathBuf,
+    /// API socket (default: <run-dir>/api.sock).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Address the HTTP proxy listens on.
+    #[arg(long, default_value = "0.0.0.0:80")]
+    http_listen: SocketAddr,
+    /// Bridge the instances are attached to.
+    #[arg(long, default_value = "dlv0")]
+    bridge: String,
+    /// Subnet instances get their addresses from.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    subnet: String,
+    /// Prefix of host-side veth names.
+    #[arg(long, default_value = "dlv")]
+    veth_prefix: String,
+    /// Parent cgroup of all instances.
+    #[arg(long, default_value = "deliverous")]
+    cgroup_parent: String,
+    /// nftables table holding the masquerade rule.
+    #[arg(long, default_value = "deliverous")]
+    nft_table: String,
+    /// Registry (HOST:PORT) reached over plain HTTP; loopback registries always are.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Apps are served at <name>.<suffix>.
+    #[arg(long, default_value = "localhost")]
+    domain_suffix: String,
+    /// Seconds an instance gets to exit after its stop signal, before SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    stop_timeout: u64,
+}
+
+pub fn main(args: DaemonArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    if !args.cgroup_parent.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || args.cgroup_parent.is_empty()
+    {
+        bail!("invalid --cgroup-parent {:?}: use letters, digits, '-' and '_'", args.cgroup_parent);
+    }
+    for dir in [&args.data_dir, &args.run_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("cannot set permissions on {}", dir.display()))?;
+    }
+    let _lock = lock_data_dir(&args.data_dir)?;
+    let api_socket = args.api_socket.clone().unwrap_or_else(|| args.run_dir.join("api.sock"));
+
+    let store = Store::open(&args.data_dir.join("state.db")).context("cannot open the state database")?;
+    let images = Arc::new(ImageStore::open(&args.data_dir).context("cannot open the image store")?);
+    let net_config = NetworkConfig {
+        bridge: args.bridge.clone(),
+        subnet: args.subnet.parse().with_context(|| format!("invalid --subnet {:?}", args.subnet))?,
+        nft_table: args.nft_table.clone(),
+        veth_prefix: args.veth_prefix.clone(),
+    };
+    let net = Arc::new(HostNetwork::new(net_config).context("invalid network settings")?);
+    {
+        let net = net.clone();
+        tokio::task::spawn_blocking(move || net.ensure()).await?.context("cannot set up the host network")?;
+    }
+
+    // Bind both listeners before touching instances: a port in use is reported at once.
+    let proxy_listener = tokio::net::TcpListener::bind(args.http_listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} for the proxy (is another server using it? choose another --http-listen)",
+            args.http_listen
+        )
+    })?;
+    if let Some(parent) = api_socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if tokio::net::UnixStream::connect(&api_socket).await.is_ok() {
+        bail!("another daemon already serves {}", api_socket.display());
+    }
+    let _ = std::fs::remove_file(&api_socket);
+    let api_listener = tokio::net::UnixListener::bind(&api_socket)
+        .with_context(|| format!("cannot listen on {}", api_socket.display()))?;
+    std::fs::set_permissions(&api_socket, std::fs::Permissions::from_mode(0o660))?;
+
+    let routes = Arc::new(RouteTable::default());
+    let settings = Settings {
+        data_dir: args.data_dir.clone(),
+        run_dir: args.run_dir.clone(),
+        cgroup_parent: args.cgroup_parent.clone(),
+        domain_suffix: args.domain_suffix.trim_matches('.').to_ascii_lowercase(),
+        insecure_registries: args.insecure_registries.clone(),
+        stop_timeout: Duration::from_secs(args.stop_timeout),
+        log_max_bytes: 10 << 20,
+        log_keep: 3,
+        ready_timeout: Duration::from_secs(30),
+    };
+    let sup = Supervisor::new(settings, store, images, net, routes.clone());
+    sup.recover().await.context("cannot recover instances from the previous run")?;
+
+    let proxy = Proxy::new(routes);
+    let proxy_task = tokio::spawn(proxy.serve(proxy_listener));
+    tracing::info!("proxy listening on {}, API on {}", args.http_listen, api_socket.display());
+
+    let app = crate::api::router(sup.clone());
+    axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await.context("API server failed")?;
+
+    proxy_task.abort();
+    sup.shutdown();
+    let _ = std::fs::remove_file(&api_socket);
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down; instances keep running");
+}
+
+/// One daemon per data dir: a second one would fight the first over every instance.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!("another deliverous daemon is using {}", dir.display());
+    }
+    Ok(file)
+}

@@ -1,0 +1,110 @@
+//! `deliverous`: one binary that is the daemon, its CLI, and the per-instance shim.
+//! The shim must stay single-threaded (libcontainer forks), so it is dispatched before any
+//! async runtime exists.
+
+mod api;
+mod apps;
+mod cli;
+mod daemon;
+mod proxy;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deliverous",
+    version,
+    about = "Run Twelve-Factor apps from OCI images on one host: no Docker daemon, built-in reverse proxy"
+)]
+struct Cli {
+    /// Daemon API address.
+    #[arg(long, global = true, env = "DELIVEROUS_HOST", default_value = "unix:/run/deliverous/api.sock")]
+    host: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage apps: create, config, start, scale, stop, rm, ls, show.
+    #[command(subcommand)]
+    App(cli::AppCommand),
+    /// Manage images: pull, ls.
+    #[command(subcommand)]
+    Image(cli::ImageCommand),
+    /// Run the daemon (API, supervisor, proxy).
+    Daemon(daemon::DaemonArgs),
+    /// Run one instance's shim (started by the daemon).
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ShimArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    state_root: PathBuf,
+    #[arg(long)]
+    log: PathBuf,
+    #[arg(long, default_value_t = 10 << 20)]
+    log_max_bytes: u64,
+    #[arg(long, default_value_t = 3)]
+    log_keep: u32,
+    #[arg(long)]
+    socket: PathBuf,
+    #[arg(long)]
+    exit_file: PathBuf,
+    #[arg(long)]
+    cgroups_path: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Shim(a) => {
+            let code = deliverous_runtime::shim::run(deliverous_runtime::shim::ShimConfig {
+                id: a.id,
+                bundle: a.bundle,
+                state_root: a.state_root,
+                log: a.log,
+                log_max_bytes: a.log_max_bytes,
+                log_keep: a.log_keep,
+                socket: a.socket,
+                exit_file: a.exit_file,
+                cgroups_path: a.cgroups_path,
+            });
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Command::Daemon(args) => daemon::main(args),
+        Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
+        Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
+    }
+}
+
+fn with_client<F, Fut>(host: &str, f: F) -> ExitCode
+where
+    F: FnOnce(cli::Host) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let host = match cli::Host::parse(host) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f(host)),
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

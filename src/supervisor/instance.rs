@@ -1,0 +1,527 @@
+//! One instance's life: prepare (IP lease, network namespace, overlay rootfs, bundle), start
+//! through a shim, watch until it ends, and free everything it used. Also re-attaches to the
+//! shims of a previous daemon and sweeps what a crash left behind.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deliverous_images::Image;
+use deliverous_runtime::network::veth_name;
+use deliverous_runtime::shim::protocol::{ExitStatus, Reply, Request};
+use deliverous_runtime::{cgroup, rootfs, spec, user};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::{lock, Live, State, Supervisor, SupervisorError};
+use crate::apps::store::InstanceRow;
+use crate::apps::{App, Revision};
+
+/// Signal numbers for the names images use in `STOPSIGNAL`.
+pub fn parse_signal(name: Option<&str>) -> i32 {
+    let Some(name) = name.map(str::trim).filter(|n| !n.is_empty()) else {
+        return libc::SIGTERM;
+    };
+    if let Ok(n) = name.parse::<i32>() {
+        return n;
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    match bare {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "WINCH" => libc::SIGWINCH,
+        _ => libc::SIGTERM,
+    }
+}
+
+fn new_uid() -> String {
+    let n: u64 = rand::random();
+    format!("{:012x}", n & 0xffff_ffff_ffff)
+}
+
+impl Supervisor {
+    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let subnet = self.net.config().subnet;
+        let first = u32::from(subnet.first_host());
+        let last = u32::from(subnet.broadcast());
+        // The first host is the bridge (gateway).
+        (first + 1..last).map(Ipv4Addr::from)
+    }
+
+    /// Starts one instance of `rev` in `slot` and waits until it accepts connections on the
+    /// app's port (or the ready timeout passes: it then stays out of rotation until it does).
+    pub(super) async fn start_instance(
+        self: &Arc<Self>,
+        app: &App,
+        rev: &Revision,
+        image: &Image,
+        slot: u32,
+    ) -> Result<String, SupervisorError> {
+        let uid = new_uid();
+        let row = self.store.insert_instance(&uid, &app.name, slot, rev.number, self.hosts())?;
+        let prepared = {
+            let me = self.clone();
+            let (row, rev, image) = (row.clone(), rev.clone(), image.clone());
+            tokio::task::spawn_blocking(move || me.prepare(&row, &rev, &image)).await
+        };
+        let prepared = prepared.unwrap_or_else(|join| Err(format!("preparation task failed: {join}")));
+        let stop_signal = match prepared {
+            Ok(sig) => sig,
+            Err(msg) => {
+                self.release(&row, false).await;
+                return Err(SupervisorError::Instance(format!("cannot prepare instance {}.{slot}: {msg}", app.name)));
+            }
+        };
+        let pid = match self.spawn_shim(&row).await {
+            Ok(pid) => pid,
+            Err(msg) => {
+                self.release(&row, true).await;
+                return Err(SupervisorError::Instance(format!("instance {}.{slot} did not start: {msg}", app.name)));
+            }
+        };
+        let (done_tx, done_rx) = watch::channel(false);
+        lock(&self.live).insert(
+            uid.clone(),
+            Live {
+                row: row.clone(),
+                state: State::Starting,
+                pid: Some(pid),
+                stop_requested: false,
+                stop_signal,
+                done: done_rx,
+            },
+        );
+        tracing::info!(app = %app.name, "instance {}.{slot} ({uid}) started, pid {pid}, ip {}", app.name, row.ip);
+        self.spawn_watcher(row.clone(), done_tx);
+        self.wait_ready(&uid, SocketAddr::from((row.ip, rev.spec.port))).await;
+        Ok(uid)
+    }
+
+    /// Blocking: everything an instance needs before its shim runs. Undoes nothing itself: the
+    /// caller's `release` removes whatever exists.
+    fn prepare(&self, row: &InstanceRow, rev: &Revision, image: &Image) -> Result<i32, String> {
+        let s = &self.settings;
+        let dir = s.instance_dir(&row.uid);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let layers = self.images.layer_dirs(image);
+        let rootfs_path = rootfs::mount_overlay(&dir, &layers).map_err(|e| e.to_string())?;
+        let hostname = format!("{}.{}", row.app, row.slot);
+        let passwd = user::read_etc_file(&rootfs_path, "passwd");
+        let group = user::read_etc_file(&rootfs_path, "group");
+        let who = user::resolve(image.config.user.as_deref(), &passwd, &group).map_err(|e| e.to_string())?;
+        let args = spec::command_line(&image.config.entrypoint, &image.config.cmd);
+        if args.is_empty() {
+            return Err(format!("image {} has neither Entrypoint nor Cmd: nothing to run", rev.image));
+        }
+        let etc = [
+            ("hosts", rootfs::hosts_file(&hostname, Some(row.ip))),
+            ("hostname", format!("{hostname}\n")),
+            ("resolv.conf", rootfs::resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())),
+        ];
+        let mut etc_files = Vec::new();
+        for (name, content) in etc {
+            let path = dir.join(name);
+            std::fs::write(&path, content).map_err(|e| format!("{}: {e}", path.display()))?;
+            let dest: &'static str = match name {
+                "hosts" => "/etc/hosts",
+                "hostname" => "/etc/hostname",
+                _ => "/etc/resolv.conf",
+            };
+            etc_files.push((path, dest));
+        }
+        let instance = spec::InstanceSpec {
+            hostname: hostname.clone(),
+            process: spec::Process {
+                args,
+                env: spec::merge_env(&image.config.env, &hostname, rev.spec.port, &rev.spec.env),
+                cwd: image.config.working_dir.clone().filter(|w| w.starts_with('/')).unwrap_or_else(|| "/".into()),
+                uid: who.uid,
+                gid: who.gid,
+                additional_gids: who.additional_gids,
+            },
+            rootfs: rootfs_path,
+            netns: s.netns_path(&row.uid),
+            cgroups_path: s.cgroups_path(&row.uid),
+            resources: spec::Resources { memory_bytes: rev.spec.memory, cpus: rev.spec.cpus, pids: None },
+            etc_files,
+        };
+        let config = serde_json::to_vec_pretty(&spec::render(&instance)).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("config.json"), config).map_err(|e| format!("config.json: {e}"))?;
+        let netns = s.netns_path(&row.uid);
+        if let Some(parent) = netns.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        self.net
+            .create_sandbox(&netns, &veth_name(&self.net.config().veth_prefix, &row.uid), row.ip)
+            .map_err(|e| e.to_string())?;
+        Ok(parse_signal(image.config.stop_signal.as_deref()))
+    }
+
+    /// Runs `deliverous shim …` for the prepared instance; returns the container's pid.
+    async fn spawn_shim(&self, row: &InstanceRow) -> Result<i32, String> {
+        let s = &self.settings;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
+        let socket = s.shim_socket(&row.uid);
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let dir = s.instance_dir(&row.uid);
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("shim")
+            .arg("--id")
+            .arg(&row.uid)
+            .arg("--bundle")
+            .arg(&dir)
+            .arg("--state-root")
+            .arg(s.container_root())
+            .arg("--log")
+            .arg(dir.join("log"))
+            .arg("--log-max-bytes")
+            .arg(s.log_max_bytes.to_string())
+            .arg("--log-keep")
+            .arg(s.log_keep.to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--exit-file")
+            .arg(dir.join("exit.json"))
+            .arg("--cgroups-path")
+            .arg(s.cgroups_path(&row.uid))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            // Its own process group: a ^C to a foreground daemon must not reach instances.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run the shim: {e}"))?;
+        let stdout = child.stdout.take().ok_or("shim has no stdout")?;
+        // Reap the shim whenever it exits, so it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), BufReader::new(stdout).read_line(&mut line)).await;
+        match read {
+            Err(_) => Err("the shim did not report within 60 s".into()),
+            Ok(Err(e)) => Err(format!("reading the shim's report: {e}")),
+            Ok(Ok(_)) => match line.trim().split_once(' ') {
+                Some(("ok", pid)) => pid.parse().map_err(|_| format!("shim reported a bad pid {pid:?}")),
+                Some(("error", msg)) => Err(msg.to_string()),
+                _ => Err(format!("the shim exited without a report ({:?})", line.trim())),
+            },
+        }
+    }
+
+    /// Polls the instance's port until it accepts a TCP connection, then puts it in rotation.
+    async fn wait_ready(self: &Arc<Self>, uid: &str, addr: SocketAddr) {
+        let deadline = tokio::time::Instant::now() + self.settings.ready_timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let still_starting = lock(&self.live).get(uid).map(|l| l.state == State::Starting).unwrap_or(false);
+            if !still_starting {
+                return;
+            }
+            let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await;
+            if let Ok(Ok(_)) = attempt {
+                if let Some(l) = lock(&self.live).get_mut(uid) {
+                    if l.state == State::Starting {
+                        l.state = State::Ready;
+                    }
+                }
+                self.publish_routes();
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("instance {uid} does not accept connections on {addr} yet; keeping it out of rotation");
+                let me = self.clone();
+                let uid = uid.to_string();
+                // Keep checking in the background, slowly.
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let starting = lock(&me.live).get(&uid).map(|l| l.state == State::Starting).unwrap_or(false);
+                        if !starting {
+                            return;
+                        }
+                        if let Ok(Ok(_)) =
+                            tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await
+                        {
+                            if let Some(l) = lock(&me.live).get_mut(&uid) {
+                                l.state = State::Ready;
+                            }
+                            me.publish_routes();
+                            return;
+                        }
+                    }
+                });
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits on the shim until the instance ends, then frees everything and lets the app
+    /// converge again if nobody asked for the stop.
+    fn spawn_watcher(self: &Arc<Self>, row: InstanceRow, done: watch::Sender<bool>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let socket = me.settings.shim_socket(&row.uid);
+            let exit = wait_exit(&socket).await;
+            let exit = match exit {
+                Some(e) => Some(e),
+                // The shim is gone without a word: it may have written the exit file first.
+                None => read_exit_file(&me.settings.instance_dir(&row.uid).join("exit.json")),
+            };
+            let shim_lost = exit.is_none();
+            let requested = {
+                let mut live = lock(&me.live);
+                let requested = live.get(&row.uid).map(|l| l.stop_requested).unwrap_or(true);
+                if let Some(l) = live.get_mut(&row.uid) {
+                    l.state = State::Stopping;
+                }
+                requested
+            };
+            me.publish_routes();
+            if let Some(e) = &exit {
+                tracing::info!(app = %row.app, "instance {}.{} ({}) ended: {}", row.app, row.slot, row.uid, e.reason());
+            }
+            me.release(&row, shim_lost).await;
+            lock(&me.live).remove(&row.uid);
+            let _ = done.send(true);
+            me.after_exit(&row, exit.map(|e| e.reason()), requested);
+        });
+    }
+
+    /// Stops an instance (its stop signal, then SIGKILL after the grace period) and waits until
+    /// everything it used is gone.
+    pub(super) async fn stop_instance(self: &Arc<Self>, uid: &str) {
+        let (mut done, signal) = {
+            let mut live = lock(&self.live);
+            let Some(l) = live.get_mut(uid) else { return };
+            l.stop_requested = true;
+            l.state = State::Stopping;
+            (l.done.clone(), l.stop_signal)
+        };
+        self.publish_routes();
+        let grace = self.settings.stop_timeout;
+        let socket = self.settings.shim_socket(uid);
+        let req = Request::Stop { signal, timeout_ms: grace.as_millis() as u64 };
+        if let Err(e) = send_request(&socket, &req, None).await {
+            tracing::debug!("stop {uid}: {e}");
+        }
+        let timed_out = tokio::time::timeout(grace + Duration::from_secs(20), done.wait_for(|d| *d)).await.is_err();
+        if timed_out {
+            tracing::error!("instance {uid} did not stop in time; forcing cleanup");
+            let row = lock(&self.live).get(uid).map(|l| l.row.clone());
+            if let Some(row) = row {
+                self.release(&row, true).await;
+                lock(&self.live).remove(uid);
+            }
+        }
+    }
+
+    /// Frees an instance's resources: processes (if `force`), cgroup, rootfs mount, network
+    /// namespace and veth, directories, socket, IP lease. Idempotent.
+    pub(super) async fn release(self: &Arc<Self>, row: &InstanceRow, force: bool) {
+        let me = self.clone();
+        let row2 = row.clone();
+        let result = tokio::task::spawn_blocking(move || me.release_blocking(&row2, force)).await;
+        match result {
+            Ok(errors) => {
+                for e in errors {
+                    tracing::warn!("cleaning up instance {}: {e}", row.uid);
+                }
+            }
+            Err(e) => tracing::error!("cleanup task of {} failed: {e}", row.uid),
+        }
+        if let Err(e) = self.store.delete_instance(&row.uid) {
+            tracing::error!("cannot forget instance {}: {e}", row.uid);
+        }
+    }
+
+    fn release_blocking(&self, row: &InstanceRow, force: bool) -> Vec<String> {
+        let s = &self.settings;
+        let mut errors = Vec::new();
+        let cgroups_path = s.cgroups_path(&row.uid);
+        if force || !cgroup::dirs(&cgroups_path).is_empty() {
+            if let Err(e) = cgroup::kill_and_remove(&cgroups_path) {
+                errors.push(format!("cgroup {cgroups_path}: {e}"));
+            }
+        }
+        let state = s.container_root().join(&row.uid);
+        if state.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&state) {
+                errors.push(format!("{}: {e}", state.display()));
+            }
+        }
+        let dir = s.instance_dir(&row.uid);
+        let unmounted = match rootfs::unmount_overlay(&dir) {
+            Ok(()) => true,
+            Err(e) => {
+                errors.push(e.to_string());
+                false
+            }
+        };
+        if let Err(e) =
+            self.net.remove_sandbox(&s.netns_path(&row.uid), &veth_name(&self.net.config().veth_prefix, &row.uid))
+        {
+            errors.push(e.to_string());
+        }
+        // Never delete through a mount point that is still there.
+        if unmounted && !is_mounted(&dir.join("rootfs")) {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    errors.push(format!("{}: {e}", dir.display()));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(s.shim_socket(&row.uid));
+        errors
+    }
+
+    /// At start-up: re-attach to the shims of instances that still run, free what is left of
+    /// the others, then converge every app.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        for row in self.store.instances()? {
+            let socket = self.settings.shim_socket(&row.uid);
+            let state = send_request(&socket, &Request::State, Some(Duration::from_secs(2))).await;
+            match state {
+                Ok(Reply { ok: true, exit: None, pid, .. }) => {
+                    let app = self.store.app(&row.app)?;
+                    let rev = self.store.revision(&row.app, row.revision)?;
+                    let (Some(app), Some(rev)) = (app, rev) else {
+                        self.release(&row, true).await;
+                        continue;
+                    };
+                    let stop_signal = self
+                        .image_for(&rev)
+                        .map(|i| parse_signal(i.config.stop_signal.as_deref()))
+                        .unwrap_or(libc::SIGTERM);
+                    let (done_tx, done_rx) = watch::channel(false);
+                    lock(&self.live).insert(
+                        row.uid.clone(),
+                        Live {
+                            row: row.clone(),
+                            state: State::Starting,
+                            pid,
+                            stop_requested: false,
+                            stop_signal,
+                            done: done_rx,
+                        },
+                    );
+                    tracing::info!("re-attached to instance {}.{} ({})", row.app, row.slot, row.uid);
+                    self.spawn_watcher(row.clone(), done_tx);
+                    let me = self.clone();
+                    let addr = SocketAddr::from((row.ip, app.spec.port));
+                    tokio::spawn(async move { me.wait_ready(&row.uid, addr).await });
+                }
+                _ => {
+                    tracing::info!("instance {}.{} ({}) did not survive; cleaning up", row.app, row.slot, row.uid);
+                    self.release(&row, true).await;
+                }
+            }
+        }
+        self.sweep_orphans();
+        self.publish_routes();
+        for app in self.store.apps()? {
+            let me = self.clone();
+            tokio::spawn(async move { me.converge_locked(&app.name).await });
+        }
+        Ok(())
+    }
+
+    /// Instance directories and namespaces that no record owns: left by a crash between
+    /// creating them and recording the instance.
+    fn sweep_orphans(&self) {
+        let known: std::collections::HashSet<String> = lock(&self.live).keys().cloned().collect();
+        let instances = self.settings.data_dir.join("instances");
+        let Ok(entries) = std::fs::read_dir(&instances) else { return };
+        for entry in entries.flatten() {
+            let uid = entry.file_name().to_string_lossy().to_string();
+            if known.contains(&uid) {
+                continue;
+            }
+            tracing::info!("sweeping leftover instance {uid}");
+            let row = InstanceRow {
+                uid: uid.clone(),
+                app: String::new(),
+                slot: 0,
+                revision: 0,
+                ip: Ipv4Addr::UNSPECIFIED,
+                created_at: String::new(),
+            };
+            for e in self.release_blocking(&row, true) {
+                tracing::warn!("sweeping {uid}: {e}");
+            }
+        }
+    }
+
+    /// At shutdown: instances keep running under their shims. When none is left, the host
+    /// objects (bridge, nft table, cgroup parent) go too.
+    pub fn shutdown(&self) {
+        if self.live_count() == 0 && self.store.instances().map(|i| i.is_empty()).unwrap_or(false) {
+            if let Err(e) = self.net.teardown() {
+                tracing::warn!("removing host network: {e}");
+            }
+            cgroup::remove_empty(&format!("/{}", self.settings.cgroup_parent));
+        } else {
+            tracing::info!("{} instances keep running; they will be re-attached at the next start", self.live_count());
+        }
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let target = path.to_string_lossy();
+    info.lines().any(|l| l.split_whitespace().nth(4) == Some(target.as_ref()))
+}
+
+fn read_exit_file(path: &Path) -> Option<ExitStatus> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Sends one request to a shim and reads its reply (waiting at most `timeout` if given).
+pub async fn send_request(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Reply, String> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await.map_err(|e| format!("connect {}: {e}", socket.display()))?;
+        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        stream.write_all(&line).await.map_err(|e| e.to_string())?;
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).await.map_err(|e| e.to_string())?;
+        if reply.is_empty() {
+            return Err("the shim closed the connection".to_string());
+        }
+        serde_json::from_str::<Reply>(&reply).map_err(|e| format!("bad reply from shim: {e}"))
+    };
+    match timeout {
+        Some(t) => tokio::time::timeout(t, exchange).await.map_err(|_| "shim did not answer in time".to_string())?,
+        None => exchange.await,
+    }
+}
+
+async fn wait_exit(socket: &Path) -> Option<ExitStatus> {
+    send_request(socket, &Request::Wait, None).await.ok().and_then(|r| r.exit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals() {
+        assert_eq!(parse_signal(None), libc::SIGTERM);
+        assert_eq!(parse_signal(Some("SIGQUIT")), libc::SIGQUIT);
+        assert_eq!(parse_signal(Some("quit")), libc::SIGQUIT);
+        assert_eq!(parse_signal(Some("9")), 9);
+        assert_eq!(parse_signal(Some("SIGWHATEVER")), libc::SIGTERM);
+    }
+}

@@ -1,0 +1,111 @@
+//! A throw-away OCI registry (Debian's `docker-registry`) on a free loopback port, storing
+//! into a temp dir. Plain HTTP: clients must treat it as insecure (it is on 127.0.0.1).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, tail, try_http_get};
+
+const BINARY: &str = "/usr/bin/docker-registry";
+
+pub struct Registry {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+    // Dropped last (after the process is gone): field order matters.
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts the registry and waits until `GET /v2/` answers. Panics with its log otherwise.
+    pub fn start() -> Registry {
+        assert!(
+            std::path::Path::new(BINARY).exists(),
+            "{BINARY} is missing: apt-get install docker-registry (scripts/test does it)"
+        );
+        // Named without "dlv": the leaks tool must not report a registry other tests share.
+        let dir = tempfile::Builder::new().prefix("oci-registry-").tempdir().expect("create registry temp dir");
+        let log = dir.path().join("registry.log");
+        // The port is free when picked but could be taken before the registry binds it: retry.
+        let mut last_error = String::new();
+        for _attempt in 0..5 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\n\
+                     log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                     http:\n  addr: {addr}\n",
+                    dir.path().join("storage").display()
+                ),
+            )
+            .expect("write registry config");
+            let logfile = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open registry log");
+            let mut child = Command::new(BINARY)
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(logfile.try_clone().expect("dup log fd"))
+                .stderr(logfile)
+                .spawn()
+                .expect("spawn docker-registry");
+            match wait_ready(&mut child, &addr, Duration::from_secs(15)) {
+                Ok(()) => return Registry { child, addr, log, dir },
+                Err(e) => {
+                    last_error = e;
+                    // Only the PID we started.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        panic!("docker-registry did not come up: {last_error}\n--- registry log ---\n{}", tail(&log, 50));
+    }
+
+    /// `127.0.0.1:PORT`, the registry part of image references (`{addr}/demo/httpd:1`).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Full reference of `repo_tag` (`demo/httpd:1`) in this registry.
+    pub fn reference(&self, repo_tag: &str) -> String {
+        format!("{}/{}", self.addr, repo_tag)
+    }
+
+    /// The registry's log (for diagnostics).
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Only the PID we started.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- registry {} log (last 20 lines) ---\n{}", self.addr, tail(&self.log, 20));
+        }
+    }
+}
+
+fn wait_ready(child: &mut Child, addr: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("docker-registry exited early with {status}"));
+        }
+        let last = match try_http_get(addr, addr, "/v2/") {
+            Ok((200, _)) => return Ok(()),
+            Ok((status, body)) => format!("GET /v2/ answered {status}: {body}"),
+            Err(e) => format!("GET /v2/ failed: {e}"),
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,150 @@
+//! A tiny HTTP/1.1 server that integration tests run as an app instance.
+//!
+//! It exists to make an instance's inside observable and controllable over HTTP:
+//! `GET /` answers the hostname (= instance name), `GET /env/NAME` an environment variable,
+//! `GET /hog?mb=N` grows the process by N MiB (to get the instance OOM-killed) and
+//! `GET /exit?code=N` ends it with that code. One thread per connection, `Connection: close`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+    fn _exit(code: i32) -> !;
+}
+
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+
+/// As PID 1 of a container the default SIGTERM action is "ignore": we must install a handler.
+extern "C" fn on_terminate(_signum: i32) {
+    // SAFETY: `_exit` is async-signal-safe; nothing else runs in the handler.
+    unsafe { _exit(0) }
+}
+
+fn main() {
+    // SAFETY: installs a handler that only calls an async-signal-safe function.
+    unsafe {
+        signal(SIGTERM, on_terminate as extern "C" fn(i32) as usize);
+        signal(SIGINT, on_terminate as extern "C" fn(i32) as usize);
+    }
+    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".to_string());
+    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("testapp: cannot listen on 0.0.0.0:{port}: {e}");
+            std::process::exit(2);
+        }
+    };
+    println!("testapp: listening on 0.0.0.0:{port}");
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                std::thread::spawn(move || serve(stream));
+            }
+            Err(e) => eprintln!("testapp: accept: {e}"),
+        }
+    }
+}
+
+fn serve(stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
+    // Skip the headers; requests we expect carry no body.
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line == "\r\n" || line == "\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+
+    let (status, body, exit_code) = route(&method, path, query);
+    println!("{peer} {method} {target} {status}");
+    respond(stream, status, &body);
+    if let Some(code) = exit_code {
+        let _ = std::io::stdout().flush();
+        std::process::exit(code);
+    }
+}
+
+/// Decides the answer: (status, body, exit code to exit with after answering).
+fn route(method: &str, path: &str, query: &str) -> (u16, String, Option<i32>) {
+    if method != "GET" && method != "HEAD" {
+        return (405, "method not allowed\n".into(), None);
+    }
+    match path {
+        "/" => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            (200, format!("{}\n", host.trim()), None)
+        }
+        "/hog" => match param(query, "mb").and_then(|v| v.parse::<usize>().ok()) {
+            Some(mb) => {
+                hog(mb);
+                (200, format!("allocated {mb} MiB\n"), None)
+            }
+            None => (400, "usage: /hog?mb=N\n".into(), None),
+        },
+        "/exit" => match param(query, "code").and_then(|v| v.parse::<i32>().ok()) {
+            Some(code) => (200, format!("exiting with {code}\n"), Some(code)),
+            None => (400, "usage: /exit?code=N\n".into(), None),
+        },
+        _ => match path.strip_prefix("/env/") {
+            Some(name) if !name.is_empty() => match std::env::var(name) {
+                Ok(value) => (200, value, None),
+                Err(_) => (404, format!("{name} is not set\n"), None),
+            },
+            _ => (404, "not found\n".into(), None),
+        },
+    }
+}
+
+/// Allocates `mb` MiB, touches every page so it is really resident, and keeps it forever.
+fn hog(mb: usize) {
+    let mut block = vec![0u8; mb * 1024 * 1024];
+    for page in block.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    block.leak();
+}
+
+fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn respond(mut stream: TcpStream, status: u16, body: &str) {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Unknown",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes());
+    let _ = stream.flush();
+}
