@@ -69,6 +69,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Shim(a) => {
+            // Until it reports, the shim's stderr is the daemon's: libcontainer's reasons for a
+            // failed start end up in the daemon log.
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG")
+                        .unwrap_or_else(|_| "warn,libcgroups=error".into()),
+                )
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
             let code = deliverous_runtime::shim::run(deliverous_runtime::shim::ShimConfig {
                 id: a.id,
                 bundle: a.bundle,

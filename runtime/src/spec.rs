@@ -114,7 +114,8 @@ pub fn command_line(entrypoint: &[String], cmd: &[String]) -> Vec<String> {
     entrypoint.iter().chain(cmd.iter()).cloned().collect()
 }
 
-/// Renders the OCI runtime spec.
+/// Renders the OCI runtime spec. Resource limits (rlimits) are inherited from the daemon, as
+/// with Docker: raising them needs CAP_SYS_RESOURCE, which a daemon may not have.
 pub fn render(spec: &InstanceSpec) -> Value {
     let caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
     let mut resources = json!({
@@ -153,7 +154,6 @@ pub fn render(spec: &InstanceSpec) -> Value {
             "env": spec.process.env,
             "cwd": spec.process.cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
             "noNewPrivileges": true,
         },
         "mounts": mounts,

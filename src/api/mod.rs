@@ -41,8 +41,6 @@ impl From<SupervisorError> for ApiError {
         use deliverous_images::Error as I;
         let status = match &e {
             SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
-            SupervisorError::Conflict(_) => StatusCode::CONFLICT,
-            SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
             SupervisorError::Image(I::NotFound { .. }) => StatusCode::NOT_FOUND,
             SupervisorError::Image(I::Unreachable { .. }) => StatusCode::BAD_GATEWAY,
             SupervisorError::Image(i) if i.is_user_error() => StatusCode::BAD_REQUEST,

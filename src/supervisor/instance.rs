@@ -196,7 +196,7 @@ impl Supervisor {
             .arg(s.cgroups_path(&row.uid))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             // Its own process group: a ^C to a foreground daemon must not reach instances.
             .process_group(0)
             .kill_on_drop(false);

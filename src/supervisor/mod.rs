@@ -57,10 +57,6 @@ pub enum SupervisorError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
     Image(#[from] deliverous_images::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -149,10 +145,6 @@ impl Supervisor {
 
     pub fn images(&self) -> &Arc<ImageStore> {
         &self.images
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.settings
     }
 
     /// Serialises every change to one app.

@@ -26,8 +26,10 @@ const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// The `sh -c` command of the httpd image: the page shows the hostname and `$GREETING`.
+/// httpd runs as a child of the shell, which as PID 1 stops it on SIGTERM (a PID 1 without a
+/// handler ignores SIGTERM, and every stop would wait for the grace period).
 pub const HTTPD_SCRIPT: &str = "echo \"host=$(hostname) greeting=$GREETING\" > /www/index.html \
-                                && exec httpd -f -v -p \"$PORT\" -h /www";
+                                && httpd -f -v -p \"$PORT\" -h /www & trap 'kill $!; exit 0' TERM; wait";
 
 /// One image layer: a tar archive built entry by entry (paths relative to the rootfs, no `/`).
 pub struct Layer {
@@ -373,7 +375,7 @@ pub fn push_layered(registry: &Registry, repo_tag: &str) -> PushedImage {
         .layer(layer1)
         .layer(layer2)
         .env("PATH=/bin")
-        .cmd(&["sh", "-c", "exec httpd -f -v -p \"$PORT\" -h /www"])
+        .cmd(&["sh", "-c", "httpd -f -v -p \"$PORT\" -h /www & trap 'kill $!; exit 0' TERM; wait"])
         .working_dir("/")
         .expose(8080)
         .push(registry, repo_tag)

@@ -239,6 +239,8 @@ fn serve(cfg: &ShimConfig, started: Started, listener: UnixListener, mut log: Lo
             while let Ok(Some(_)) = sigfd.read_signal() {}
             reap(pid, &mut exit, cfg);
         }
+        // Only clients that were polled have a slot in `ready`; new ones wait for the next round.
+        let polled_clients = clients.len();
         if ready[1] {
             while let Ok((stream, _)) = listener.accept() {
                 if stream.set_nonblocking(true).is_ok() {
@@ -268,7 +270,7 @@ fn serve(cfg: &ShimConfig, started: Started, listener: UnixListener, mut log: Lo
         }
         let client_base = 2 + pipe_slots.len();
         let mut closed = Vec::new();
-        for (k, client) in clients.iter_mut().enumerate() {
+        for (k, client) in clients.iter_mut().enumerate().take(polled_clients) {
             if !ready[client_base + k] {
                 continue;
             }
