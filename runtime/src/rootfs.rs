@@ -64,8 +64,7 @@ pub fn hosts_file(hostname: &str, ip: Option<std::net::Ipv4Addr>) -> String {
 }
 
 /// The host's resolv.conf without loopback resolvers, which cannot work from another network
-/// namespace; falls back to public resolvers only if nothing usable remains is NOT done: no
-/// resolver we were not told about is ever added.
+/// namespace. No resolver the operator did not configure is ever added (no public fallback).
 pub fn resolv_conf(host: &str) -> String {
     host.lines()
         .filter(|line| {
