@@ -120,6 +120,14 @@ fn check_nft_name(name: &str) -> Result<(), String> {
 /// Host-side veth name of an instance: `prefix` followed by as many characters of
 /// `instance_uid` as fit in an interface name (15 bytes). Characters an interface name cannot
 /// hold are skipped. Distinct instances need distinct leading uid characters.
+/// The MAC address of the instance interface that has `ip`: `02:42` (locally administered)
+/// then the four bytes of the address, as Docker does. A freed address is soon leased again; with
+/// the same MAC, neighbours' ARP caches stay right and the new instance is reachable at once.
+pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
 pub fn veth_name(prefix: &str, instance_uid: &str) -> String {
     let mut name: String = prefix.chars().filter(|c| is_ifname_char(*c)).take(MAX_IFNAME_LEN).collect();
     let room = MAX_IFNAME_LEN.saturating_sub(name.len());
@@ -220,12 +228,14 @@ impl HostNetwork {
         let (netns, mut inside) = netns::create(ns_path)?;
         let undo_namespace = |error: NetworkError| error.with_cleanup(netns::remove(ns_path));
 
-        host.add_veth(veth_name, bridge.index, SANDBOX_INTERFACE, netns.as_raw_fd()).map_err(|e| {
-            undo_namespace(e.during(format!(
-                "create veth {veth_name:?} (bridge {:?}) with peer {SANDBOX_INTERFACE} in {ns_path:?}",
-                cfg.bridge
-            )))
-        })?;
+        host.add_veth(veth_name, bridge.index, SANDBOX_INTERFACE, instance_mac(ip), netns.as_raw_fd()).map_err(
+            |e| {
+                undo_namespace(e.during(format!(
+                    "create veth {veth_name:?} (bridge {:?}) with peer {SANDBOX_INTERFACE} in {ns_path:?}",
+                    cfg.bridge
+                )))
+            },
+        )?;
         drop(netns);
 
         configure_inside(&mut inside, ns_path, ip, cfg.subnet, cfg.gateway()).map_err(|error| {

@@ -111,12 +111,14 @@ impl Rtnl {
         host_name: &str,
         master: u32,
         peer_name: &str,
+        peer_mac: [u8; 6],
         peer_netns: RawFd,
     ) -> Result<(), NetlinkFailure> {
         // The peer cannot be created up: veth_open() fails with ENOTCONN until both ends are
         // registered, so the caller sets it up afterwards, from inside the namespace.
         let mut peer = LinkMessage::default();
         peer.attributes.push(LinkAttribute::IfName(peer_name.to_string()));
+        peer.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
         peer.attributes.push(LinkAttribute::NetNsFd(peer_netns));
 
         let mut message = LinkMessage::default();

@@ -13,6 +13,11 @@ use super::*;
 // ---- pure functions -------------------------------------------------------------------------
 
 #[test]
+fn instance_mac_is_derived_from_the_address() {
+    assert_eq!(instance_mac(Ipv4Addr::new(10, 88, 1, 2)), [0x02, 0x42, 10, 88, 1, 2]);
+}
+
+#[test]
 fn veth_name_fits_in_ifnamsiz() {
     assert_eq!(veth_name("dlv", "0123456789abcdef"), "dlv0123456789ab");
     assert_eq!(veth_name("dlv", "0123456789abcdef").len(), MAX_IFNAME_LEN);
@@ -271,6 +276,8 @@ fn sandboxes_reach_the_gateway_and_each_other() {
     let eth0 = interface(Some(&ns1), "eth0");
     assert!(has_flag(&eth0, "UP"), "{eth0}");
     assert!(has_ipv4(&eth0, ip1, 24), "{eth0}");
+    let [a, b, c, d] = ip1.octets();
+    assert_eq!(eth0["address"], format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}"), "MAC follows the IP: {eth0}");
     let lo = interface(Some(&ns1), "lo");
     assert!(has_flag(&lo, "UP"), "{lo}");
     let ns_arg = format!("--net={}", ns1.display());
