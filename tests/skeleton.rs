@@ -22,6 +22,11 @@ fn hostnames(daemon: &Daemon, host: &str, n: usize) -> BTreeSet<String> {
         .collect()
 }
 
+/// The unique ids of the instances in an `app show --json` answer.
+fn instance_ids(show: &serde_json::Value) -> BTreeSet<String> {
+    show["instances"].as_array().into_iter().flatten().map(|i| i["id"].as_str().unwrap_or("").to_string()).collect()
+}
+
 fn instance_count(daemon: &Daemon, app: &str) -> usize {
     let show = daemon.cli_json(&["app", "show", app, "--json"]);
     show["instances"].as_array().map(|a| a.len()).unwrap_or(0)
@@ -122,12 +127,7 @@ fn memory_limit_kills_only_the_hog() {
     daemon.cli_ok(&["app", "start", "hog"]);
     daemon.cli_ok(&["app", "scale", "hog", "3"]);
     let before = daemon.cli_json(&["app", "show", "hog", "--json"]);
-    let ids: BTreeSet<String> = before["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .map(|i| i["id"].as_str().unwrap_or("").to_string())
-        .collect();
+    let ids = instance_ids(&before);
     assert_eq!(ids.len(), 3);
 
     // One instance allocates past its limit and is OOM-killed; the answer never arrives.
@@ -144,12 +144,7 @@ fn memory_limit_kills_only_the_hog() {
     let show = wait_for(&daemon, |show| {
         show["instances"].as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|i| i["state"] == "running"))
     });
-    let after: BTreeSet<String> = show["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .map(|i| i["id"].as_str().unwrap_or("").to_string())
-        .collect();
+    let after = instance_ids(&show);
     assert_eq!(ids.intersection(&after).count(), 2, "exactly one instance was replaced");
 }
 
@@ -195,10 +190,7 @@ fn apps_survive_a_killed_daemon() {
     assert_eq!(after["instances_desired"], 2);
     assert_eq!(after["revision"], before["revision"]);
     // The instances lived on in their shims and were re-attached, not restarted.
-    let ids = |v: &serde_json::Value| -> BTreeSet<String> {
-        v["instances"].as_array().into_iter().flatten().map(|i| i["id"].as_str().unwrap_or("").to_string()).collect()
-    };
-    assert_eq!(ids(&after), ids(&before));
+    assert_eq!(instance_ids(&after), instance_ids(&before));
     let seen =
         common::http_get_retry(daemon.proxy_addr(), "web.localhost", "/", Duration::from_secs(20), |s, _| s == 200);
     assert!(seen.1.contains("greeting=kept"), "{seen:?}");

@@ -129,22 +129,17 @@ impl Store {
             .query_row(
                 "SELECT number, image, digest, spec, created_at FROM revisions WHERE app = ?1 ORDER BY number DESC LIMIT 1",
                 params![app],
-                |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?)),
+                revision_row,
             )
-            .optional()?;
-        if let Some((number, image_l, digest_l, spec_l, created_at)) = &latest {
-            let spec_l: AppSpec = serde_json::from_str(spec_l)?;
-            if digest_l == digest && &spec_l == spec {
-                return Ok(Revision {
-                    number: *number,
-                    image: image_l.clone(),
-                    digest: digest_l.clone(),
-                    spec: spec_l,
-                    created_at: created_at.clone(),
-                });
+            .optional()?
+            .map(raw_to_revision)
+            .transpose()?;
+        if let Some(latest) = &latest {
+            if latest.digest == digest && &latest.spec == spec {
+                return Ok(latest.clone());
             }
         }
-        let number = latest.map(|l| l.0 + 1).unwrap_or(1);
+        let number = latest.map(|l| l.number + 1).unwrap_or(1);
         let created_at = now();
         conn.execute(
             "INSERT INTO revisions (app, number, image, digest, spec, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -159,21 +154,10 @@ impl Store {
             .query_row(
                 "SELECT number, image, digest, spec, created_at FROM revisions WHERE app = ?1 AND number = ?2",
                 params![app, number],
-                |r| {
-                    Ok((
-                        r.get::<_, u32>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                    ))
-                },
+                revision_row,
             )
             .optional()?;
-        row.map(|(number, image, digest, spec, created_at)| {
-            Ok(Revision { number, image, digest, spec: serde_json::from_str(&spec)?, created_at })
-        })
-        .transpose()
+        row.map(raw_to_revision).transpose()
     }
 
     /// Records a new instance and leases it the lowest free address of `hosts`.
@@ -230,6 +214,16 @@ impl Store {
         self.conn().execute("DELETE FROM instances WHERE uid = ?1", params![uid])?;
         Ok(())
     }
+}
+
+type RawRevision = (u32, String, String, String, String);
+
+fn revision_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRevision> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn raw_to_revision((number, image, digest, spec, created_at): RawRevision) -> Result<Revision, StoreError> {
+    Ok(Revision { number, image, digest, spec: serde_json::from_str(&spec)?, created_at })
 }
 
 type RawApp = (String, String, u32, bool, Option<u32>, String, String);
