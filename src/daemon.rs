@@ -102,13 +102,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         nft_table: args.nft_table.clone(),
         veth_prefix: args.veth_prefix.clone(),
     };
-    let net = Arc::new(HostNetwork::new(net_config).context("invalid network settings")?);
-    {
-        let net = net.clone();
-        tokio::task::spawn_blocking(move || net.ensure()).await?.context("cannot set up the host network")?;
-    }
-
-    // Bind both listeners before touching instances: a port in use is reported at once.
+    // Bind both listeners before touching the host: a port in use is reported at once and
+    // leaves no bridge or nft table behind.
     let proxy_listener = tokio::net::TcpListener::bind(args.http_listen).await.with_context(|| {
         format!(
             "cannot listen on {} for the proxy (is another server using it? choose another --http-listen)",
@@ -125,6 +120,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let api_listener = tokio::net::UnixListener::bind(&api_socket)
         .with_context(|| format!("cannot listen on {}", api_socket.display()))?;
     std::fs::set_permissions(&api_socket, std::fs::Permissions::from_mode(0o660))?;
+
+    let net = Arc::new(HostNetwork::new(net_config).context("invalid network settings")?);
+    {
+        let net = net.clone();
+        tokio::task::spawn_blocking(move || net.ensure()).await?.context("cannot set up the host network")?;
+    }
 
     let routes = Arc::new(RouteTable::default());
     let settings = Settings {

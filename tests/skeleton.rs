@@ -262,3 +262,38 @@ fn raw_api(socket: &std::path::Path, request_line: &str, body: &str) -> String {
     s.read_to_string(&mut out).expect("read");
     out
 }
+
+#[test]
+fn a_busy_proxy_port_is_a_clear_error_and_creates_nothing() {
+    let registry = Registry::start();
+    let daemon = Daemon::start(&registry);
+    let id = common::unique_hex(6);
+    let dir = tempfile::Builder::new().prefix("dlv-busy-").tempdir().expect("tempdir");
+    let (bridge, table, cgroup) = (format!("dlvb{id}"), format!("dlv_busy_{id}"), format!("dlv-busy-{id}"));
+    // If the product regresses and creates them, they still go away.
+    struct Removed(String, String);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let quiet = |args: &[&str]| {
+                let _ = std::process::Command::new(args[0]).args(&args[1..]).output();
+            };
+            quiet(&["ip", "link", "del", &self.0]);
+            quiet(&["nft", "delete", "table", "ip", &self.1]);
+        }
+    }
+    let _guard = Removed(bridge.clone(), table.clone());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deliverous"))
+        .args(["daemon", "--http-listen", daemon.proxy_addr(), "--bridge", &bridge, "--nft-table", &table])
+        .args(["--cgroup-parent", &cgroup, "--subnet", "10.199.254.0/24"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .expect("run a second daemon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("Address already in use") && stderr.contains("--http-listen"), "{stderr}");
+    let leaks = common::leaks();
+    assert!(!leaks.contains(&bridge) && !leaks.contains(&table) && !leaks.contains(&cgroup), "{leaks}");
+}
