@@ -119,10 +119,6 @@ fn declare_configure_launch_scale_remove() {
 }
 
 #[test]
-#[ignore = "flaky (about 1 run in 3 with a cold tests/testapp build): right after the OOM kill, one \
-            proxied GET can stall 10 s before the proxy opens any upstream connection; open bug, \
-            see issue 2. Reproduce: rm -rf target/testapp; DELIVEROUS_LOG=deliverous=debug,hyper_util=debug \
-            cargo test --test skeleton -- --include-ignored --test-threads=2"]
 fn memory_limit_kills_only_the_hog() {
     let registry = Registry::start();
     let image = common::push_testapp(&registry, "demo/testapp:1");

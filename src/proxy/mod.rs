@@ -157,6 +157,7 @@ impl Proxy {
             return text(StatusCode::BAD_REQUEST, "request has no Host header\n");
         };
         let host = normalize_host(&raw_host);
+        tracing::trace!(%host, path = %req.uri(), "request");
         let Some(route) = self.table.lookup(&host) else {
             return text(StatusCode::NOT_FOUND, &format!("no app is served at {host}\n"));
         };
@@ -194,6 +195,7 @@ impl Proxy {
                 Ok(r) => r,
                 Err(_) => return text(StatusCode::BAD_REQUEST, "invalid request\n"),
             };
+            tracing::trace!(%backend, "forwarding");
             match self.client.request(upstream).await {
                 Ok(resp) => {
                     let (mut rparts, rbody) = resp.into_parts();
@@ -274,5 +276,63 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+}
+
+/// The proxy in front of a real backend, driven by a client that writes each request in several
+/// small segments (as many simple clients do).
+#[cfg(test)]
+mod fragmented_requests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn fragmented_requests_are_served() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        let (proxy_addr, backend) = rt.block_on(async {
+            let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let backend_addr = backend.local_addr().expect("addr");
+            std::thread::spawn(move || {
+                for s in backend.incoming().flatten() {
+                    std::thread::spawn(move || {
+                        let mut s = s;
+                        let mut buf = [0u8; 4096];
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                    });
+                }
+            });
+            let table = Arc::new(RouteTable::default());
+            table.publish(HashMap::from([(
+                "a.localhost".to_string(),
+                Arc::new(Route::new("a".into(), vec![backend_addr])),
+            )]));
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(Proxy::new(table).serve(listener));
+            (addr, backend_addr)
+        });
+        let _ = backend;
+        let _guard = rt.enter();
+        let mut stuck = 0;
+        for i in 0..300 {
+            let mut s = std::net::TcpStream::connect(proxy_addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            for piece in ["GET ", "/", " HTTP/1.1\r\nHost: ", "a.localhost", "\r\nConnection: close\r\n\r\n"] {
+                s.write_all(piece.as_bytes()).expect("write");
+            }
+            let mut out = Vec::new();
+            if let Err(e) = s.read_to_end(&mut out) {
+                stuck += 1;
+                eprintln!("request {i}: {e}");
+            }
+        }
+        assert_eq!(stuck, 0);
     }
 }

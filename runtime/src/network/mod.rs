@@ -120,8 +120,9 @@ fn check_nft_name(name: &str) -> Result<(), String> {
 /// Host-side veth name of an instance: `prefix` followed by as many characters of
 /// `instance_uid` as fit in an interface name (15 bytes). Characters an interface name cannot
 /// hold are skipped. Distinct instances need distinct leading uid characters.
-/// The MAC address of the instance interface that has `ip`: `02:42` (locally administered)
-/// then the four bytes of the address, as Docker does. A freed address is soon leased again; with
+/// The MAC address of the interface that has `ip` (an instance's `eth0`, or the bridge for the
+/// gateway address): `02:42` (locally administered) then the four bytes of the address, as
+/// Docker does. A freed address is soon leased again; with
 /// the same MAC, neighbours' ARP caches stay right and the new instance is reachable at once.
 pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = ip.octets();
@@ -171,6 +172,11 @@ impl HostNetwork {
         let mut rtnl = open_host_rtnl("ensure host network")?;
         let bridge = ensure_bridge(&mut rtnl, &cfg.bridge)?;
         let gateway = cfg.gateway();
+        // A bridge without a MAC of its own takes the lowest of its ports' and changes it as
+        // instances come and go (to all zeros with no port at all). Instances that cached the
+        // gateway's old MAC would then send their replies nowhere until their ARP entry expires.
+        rtnl.set_mac(bridge.index, instance_mac(gateway))
+            .map_err(|e| e.during(format!("set the MAC address of bridge {:?}", cfg.bridge)))?;
         let prefix = cfg.subnet.prefix_len();
         let existing = rtnl
             .ipv4_addresses(bridge.index)

@@ -133,6 +133,14 @@ impl Rtnl {
         self.change(RouteNetlinkMessage::NewLink(message), NLM_F_CREATE | NLM_F_EXCL)
     }
 
+    /// Sets a link's hardware address; setting the one it has is a no-op.
+    pub(super) fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), NetlinkFailure> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.change(RouteNetlinkMessage::SetLink(message), 0)
+    }
+
     pub(super) fn set_up(&mut self, index: u32) -> Result<(), NetlinkFailure> {
         let mut message = LinkMessage::default();
         message.header.index = index;

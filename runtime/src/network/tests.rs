@@ -306,6 +306,30 @@ fn sandboxes_reach_the_gateway_and_each_other() {
     assert!(ping(&ns2, cfg.gateway()).0);
 }
 
+/// The gateway's MAC must not follow the bridge's ports: instances cache it, and a change would
+/// silently drop their replies to the host until their ARP entries expire.
+#[test]
+fn bridge_mac_is_fixed_whatever_ports_come_and_go() {
+    require_root!();
+    let mut t = TestNet::new();
+    t.net.ensure().unwrap();
+    let bridge = t.cfg().bridge.clone();
+    let [a, b, c, d] = t.cfg().gateway().octets();
+    let expected = format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+    let mac = || interface(None, &bridge)["address"].as_str().unwrap_or_default().to_string();
+    assert_eq!(mac(), expected);
+    let (ns1, veth1, _) = t.sandbox(2);
+    let (ns2, _, _) = t.sandbox(3);
+    assert_eq!(mac(), expected, "after adding ports");
+    t.net.remove_sandbox(&ns1, &veth1).unwrap();
+    assert_eq!(mac(), expected, "after removing a port");
+    assert!(ping(&ns2, t.cfg().gateway()).0);
+    // A bridge whose MAC drifted (an older version, or someone else) is put right.
+    run("ip", &["link", "set", "dev", &bridge, "address", "02:00:00:00:00:99"]);
+    t.net.ensure().unwrap();
+    assert_eq!(mac(), expected, "ensure repairs the MAC");
+}
+
 #[test]
 fn failed_sandbox_creation_leaves_nothing_behind() {
     require_root!();
