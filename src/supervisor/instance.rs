@@ -222,49 +222,38 @@ impl Supervisor {
     /// Polls the instance's port until it accepts a TCP connection, then puts it in rotation.
     async fn wait_ready(self: &Arc<Self>, uid: &str, addr: SocketAddr) {
         let deadline = tokio::time::Instant::now() + self.settings.ready_timeout;
+        if !self.probe_ready(uid, addr, Some(deadline)).await {
+            tracing::warn!("instance {uid} does not accept connections on {addr} yet; keeping it out of rotation");
+            let me = self.clone();
+            let uid = uid.to_string();
+            tokio::spawn(async move { me.probe_ready(&uid, addr, None).await });
+        }
+    }
+
+    /// Connects to `addr` with backoff until it accepts (the instance goes into rotation), the
+    /// instance is no longer starting, or `deadline` passes (then `false`).
+    async fn probe_ready(&self, uid: &str, addr: SocketAddr, deadline: Option<tokio::time::Instant>) -> bool {
+        // Quick retries while a start is awaited; after that, a slow background poll.
+        let max_delay = if deadline.is_some() { Duration::from_millis(200) } else { Duration::from_secs(1) };
         let mut delay = Duration::from_millis(10);
         loop {
-            let still_starting = lock(&self.live).get(uid).map(|l| l.state == State::Starting).unwrap_or(false);
-            if !still_starting {
-                return;
+            let starting = lock(&self.live).get(uid).map(|l| l.state == State::Starting).unwrap_or(false);
+            if !starting {
+                return true;
             }
             let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await;
             if let Ok(Ok(_)) = attempt {
-                if let Some(l) = lock(&self.live).get_mut(uid) {
-                    if l.state == State::Starting {
-                        l.state = State::Ready;
-                    }
+                if let Some(l) = lock(&self.live).get_mut(uid).filter(|l| l.state == State::Starting) {
+                    l.state = State::Ready;
                 }
                 self.publish_routes();
-                return;
+                return true;
             }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!("instance {uid} does not accept connections on {addr} yet; keeping it out of rotation");
-                let me = self.clone();
-                let uid = uid.to_string();
-                // Keep checking in the background, slowly.
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        let starting = lock(&me.live).get(&uid).map(|l| l.state == State::Starting).unwrap_or(false);
-                        if !starting {
-                            return;
-                        }
-                        if let Ok(Ok(_)) =
-                            tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await
-                        {
-                            if let Some(l) = lock(&me.live).get_mut(&uid) {
-                                l.state = State::Ready;
-                            }
-                            me.publish_routes();
-                            return;
-                        }
-                    }
-                });
-                return;
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return false;
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(200));
+            delay = (delay * 2).min(max_delay);
         }
     }
 

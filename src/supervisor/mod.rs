@@ -289,21 +289,20 @@ impl Supervisor {
             }
         }
         let mut errors = Vec::new();
-        if !fresh.is_empty() {
-            let image = self.image_for(&rev)?;
-            let app = app.as_ref().ok_or_else(|| SupervisorError::NotFound(format!("app {name} is gone")))?;
+        let app = app.as_ref().ok_or_else(|| SupervisorError::NotFound(format!("app {name} is gone")))?;
+        // Read once: every instance this round starts from the same image.
+        let image = if fresh.is_empty() && !replace.iter().any(|r| r.2) { None } else { Some(self.image_for(&rev)?) };
+        if let Some(image) = image.as_ref().filter(|_| !fresh.is_empty()) {
             let results =
-                futures_util::future::join_all(fresh.iter().map(|slot| self.start_instance(app, &rev, &image, *slot)))
+                futures_util::future::join_all(fresh.iter().map(|slot| self.start_instance(app, &rev, image, *slot)))
                     .await;
             errors.extend(results.into_iter().filter_map(Result::err));
         }
         // Rolling replacement, one slot at a time: the new instance is ready before the old
         // one leaves rotation.
         for (slot, old, start_new) in replace {
-            if start_new {
-                let image = self.image_for(&rev)?;
-                let app = app.as_ref().ok_or_else(|| SupervisorError::NotFound(format!("app {name} is gone")))?;
-                if let Err(e) = self.start_instance(app, &rev, &image, slot).await {
+            if let (true, Some(image)) = (start_new, image.as_ref()) {
+                if let Err(e) = self.start_instance(app, &rev, image, slot).await {
                     errors.push(e);
                     continue;
                 }
