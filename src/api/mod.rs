@@ -99,13 +99,15 @@ pub struct CreateApp {
     #[serde(default)]
     pub cpus: Option<f64>,
     #[serde(default)]
+    pub pids: Option<u32>,
+    #[serde(default)]
     pub domains: Vec<String>,
     #[serde(default)]
     pub instances: Option<i64>,
 }
 
 /// A change of configuration: only the fields present change. `env` values of `null` unset the
-/// variable; `memory` `0`/`"none"` and `cpus` `0` remove the limit.
+/// variable; `memory` `0`/`"none"` and `cpus` `0` remove the limit, `pids` `0` restores the default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
@@ -115,6 +117,7 @@ pub struct ConfigPatch {
     pub env: BTreeMap<String, Option<String>>,
     pub memory: Option<Size>,
     pub cpus: Option<f64>,
+    pub pids: Option<u32>,
     #[serde(default)]
     pub add_domains: Vec<String>,
     #[serde(default)]
@@ -150,6 +153,7 @@ pub struct AppView {
     pub env: BTreeMap<String, String>,
     pub memory: Option<String>,
     pub cpus: Option<f64>,
+    pub pids: u32,
     pub domains: Vec<String>,
     pub hosts: Vec<String>,
     pub instances_desired: u32,
@@ -178,6 +182,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         env: app.spec.env.clone(),
         memory: app.spec.memory.map(format_bytes),
         cpus: app.spec.cpus,
+        pids: app.spec.pids.unwrap_or(apps::DEFAULT_PIDS),
         domains: app.spec.domains.clone(),
         hosts: sup.hosts_of(app),
         instances_desired: app.instances,
@@ -233,6 +238,7 @@ async fn create_app(
             None => None,
         },
         cpus: req.cpus.filter(|c| *c != 0.0),
+        pids: req.pids.filter(|p| *p != 0),
         domains: req.domains,
     };
     spec.validate().map_err(ApiError::bad_request)?;
@@ -326,6 +332,9 @@ async fn config_app(
     }
     if let Some(c) = patch.cpus {
         spec.cpus = (c != 0.0).then_some(c);
+    }
+    if let Some(p) = patch.pids {
+        spec.pids = (p != 0).then_some(p);
     }
     for d in patch.add_domains {
         let d = d.to_ascii_lowercase();

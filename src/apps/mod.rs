@@ -7,6 +7,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Process (and thread) limit of an instance unless its app sets one, as Docker's `--pids-limit`
+/// commonly is in production; a fork bomb stops there.
+pub const DEFAULT_PIDS: u32 = 4096;
+/// Fewer than this and a shell or a runtime can hardly start.
+const MIN_PIDS: u32 = 8;
+/// The kernel's own ceiling (`pid_max` cannot exceed 2^22).
+const MAX_PIDS: u32 = 1 << 22;
+
 /// What an operator declares about an app; a revision freezes one of these with an image digest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppSpec {
@@ -20,6 +28,9 @@ pub struct AppSpec {
     /// CPU time per instance, in CPUs (0.5 = half a core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
+    /// Most processes (and threads) an instance may have; `None` is the default, [`DEFAULT_PIDS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
     /// Extra host names routed to the app, besides `<name>.<domain suffix>`.
     #[serde(default)]
     pub domains: Vec<String>,
@@ -118,6 +129,11 @@ impl AppSpec {
                 return Err(format!("invalid cpus {c}: expected a positive number such as 0.5 or 2"));
             }
         }
+        if let Some(p) = self.pids {
+            if !(MIN_PIDS..=MAX_PIDS).contains(&p) {
+                return Err(format!("invalid pids limit {p}: expected {MIN_PIDS} to {MAX_PIDS}"));
+            }
+        }
         for d in &self.domains {
             validate_domain(d)?;
         }
@@ -201,6 +217,7 @@ mod tests {
             env: BTreeMap::new(),
             memory: Some(128 << 20),
             cpus: Some(0.5),
+            pids: None,
             domains: vec!["example.com".into()],
         };
         assert!(s.validate().is_ok());

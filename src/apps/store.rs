@@ -241,7 +241,15 @@ mod tests {
     use super::*;
 
     fn spec() -> AppSpec {
-        AppSpec { image: "r/x:1".into(), port: 80, env: Default::default(), memory: None, cpus: None, domains: vec![] }
+        AppSpec {
+            image: "r/x:1".into(),
+            port: 80,
+            env: Default::default(),
+            memory: None,
+            cpus: None,
+            pids: None,
+            domains: vec![],
+        }
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct Settings {
     /// CPUs per instance, e.g. 0.5 (0 removes the limit).
     #[arg(long)]
     cpus: Option<f64>,
+    /// Most processes and threads per instance (default 4096; 0 restores the default).
+    #[arg(long)]
+    pids: Option<u32>,
     /// Extra host name routed to the app (repeatable).
     #[arg(long = "domain", value_name = "DOMAIN")]
     domains: Vec<String>,
@@ -145,6 +148,9 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             if let Some(c) = settings.cpus {
                 body["cpus"] = json!(c);
             }
+            if let Some(p) = settings.pids {
+                body["pids"] = json!(p);
+            }
             if let Some(n) = instances {
                 body["instances"] = json!(n);
             }
@@ -177,6 +183,9 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             }
             if let Some(c) = settings.cpus {
                 body["cpus"] = json!(c);
+            }
+            if let Some(p) = settings.pids {
+                body["pids"] = json!(p);
             }
             call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| summary(&app))
         }
@@ -319,6 +328,7 @@ fn show(app: &Value) {
         ("env", env),
         ("memory", s(&app["memory"])),
         ("cpus", s(&app["cpus"])),
+        ("pids", s(&app["pids"])),
         ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ("instances", s(&app["instances_desired"])),
         (

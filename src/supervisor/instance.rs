@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::{lock, Live, State, Supervisor, SupervisorError};
 use crate::apps::store::InstanceRow;
-use crate::apps::{App, Revision};
+use crate::apps::{self, App, Revision};
 
 /// Signal numbers for the names images use in `STOPSIGNAL`.
 pub fn parse_signal(name: Option<&str>) -> i32 {
@@ -150,7 +150,11 @@ impl Supervisor {
             rootfs: rootfs_path,
             netns: s.netns_path(&row.uid),
             cgroups_path: s.cgroups_path(&row.uid),
-            resources: spec::Resources { memory_bytes: rev.spec.memory, cpus: rev.spec.cpus, pids: None },
+            resources: spec::Resources {
+                memory_bytes: rev.spec.memory,
+                cpus: rev.spec.cpus,
+                pids: Some(i64::from(rev.spec.pids.unwrap_or(apps::DEFAULT_PIDS))),
+            },
             etc_files,
         };
         let config = serde_json::to_vec_pretty(&spec::render(&instance)).map_err(|e| e.to_string())?;

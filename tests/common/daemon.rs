@@ -260,6 +260,26 @@ impl Daemon {
         tail(&self.log, lines)
     }
 
+    /// A file of an instance's cgroup: `/sys/fs/cgroup/<parent>/<id>/<file>` on cgroup v2,
+    /// `/sys/fs/cgroup/<v1_controller>/<parent>/<id>/<file>` on v1.
+    pub fn cgroup_file(&self, instance_id: &str, v1_controller: &str, file: &str) -> PathBuf {
+        let base = if super::cgroup_v2() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            Path::new("/sys/fs/cgroup").join(v1_controller)
+        };
+        base.join(&self.names.cgroup_parent).join(instance_id).join(file)
+    }
+
+    /// PID of the shim of instance `instance_id` (`deliverous shim --id <id> ...`).
+    pub fn shim_pid(&self, instance_id: &str) -> Option<u32> {
+        super::pids_where(|argv| {
+            argv.get(1).is_some_and(|a| a == "shim") && argv.windows(2).any(|w| w[0] == "--id" && w[1] == instance_id)
+        })
+        .first()
+        .copied()
+    }
+
     /// PID of the daemon process, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

@@ -382,10 +382,16 @@ pub fn push_layered(registry: &Registry, repo_tag: &str) -> PushedImage {
 }
 
 /// Builds tests/testapp as a fully static binary, once per test process; returns its path.
+/// `DELIVEROUS_TESTAPP` names a prebuilt one instead (the cgroup v2 VM has no cargo).
 pub fn testapp_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
+            if let Some(prebuilt) = std::env::var_os("DELIVEROUS_TESTAPP") {
+                let prebuilt = PathBuf::from(prebuilt);
+                assert!(prebuilt.is_file(), "DELIVEROUS_TESTAPP={} is not a file", prebuilt.display());
+                return prebuilt;
+            }
             let root = workspace_root();
             let target_dir = root.join("target/testapp");
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

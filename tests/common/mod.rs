@@ -140,3 +140,30 @@ pub(crate) fn send_signal(pid: u32, signal: i32) -> bool {
     // SAFETY: kill(2) has no memory-safety preconditions; pid > 1 so it targets one process.
     unsafe { libc::kill(pid, signal) == 0 }
 }
+
+/// PIDs of the processes whose argv satisfies `matches` (read from /proc; racy by nature).
+pub fn pids_where(matches: impl Fn(&[String]) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let argv: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            !argv.is_empty() && matches(&argv)
+        })
+        .collect()
+}
+
+/// Whether the host mounts pure cgroup v2 at /sys/fs/cgroup (else v1 or the v1 hybrid).
+pub fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}

@@ -3,7 +3,10 @@
 //! It exists to make an instance's inside observable and controllable over HTTP:
 //! `GET /` answers the hostname (= instance name), `GET /env/NAME` an environment variable,
 //! `GET /hog?mb=N` grows the process by N MiB (to get the instance OOM-killed) and
-//! `GET /exit?code=N` ends it with that code. One thread per connection, `Connection: close`.
+//! `GET /exit?code=N` ends it with that code, `GET /spawn?n=N&secs=S` starts N `sleep S`
+//! children (stopping at the first failure, e.g. the pids limit), `GET /bomb` starts a shell
+//! fork bomb, `GET /spin?ms=N` burns CPU for N ms of wall time and answers the CPU time it got.
+//! One thread per connection, `Connection: close`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -50,10 +53,7 @@ fn main() {
 
 fn serve(stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -102,6 +102,22 @@ fn route(method: &str, path: &str, query: &str) -> (u16, String, Option<i32>) {
             }
             None => (400, "usage: /hog?mb=N\n".into(), None),
         },
+        "/spawn" => {
+            let n = param(query, "n").and_then(|v| v.parse::<usize>().ok());
+            let secs = param(query, "secs").and_then(|v| v.parse::<u64>().ok());
+            match (n, secs) {
+                (Some(n), Some(secs)) => (200, spawn_sleepers(n, secs), None),
+                _ => (400, "usage: /spawn?n=N&secs=S\n".into(), None),
+            }
+        }
+        "/bomb" => match std::process::Command::new("/bin/sh").args(["-c", "b() { b | b & }; b"]).spawn() {
+            Ok(_) => (200, "fork bomb started\n".into(), None),
+            Err(e) => (500, format!("cannot start the fork bomb: {e}\n"), None),
+        },
+        "/spin" => match param(query, "ms").and_then(|v| v.parse::<u64>().ok()) {
+            Some(ms) => (200, spin(ms), None),
+            None => (400, "usage: /spin?ms=N\n".into(), None),
+        },
         "/exit" => match param(query, "code").and_then(|v| v.parse::<i32>().ok()) {
             Some(code) => (200, format!("exiting with {code}\n"), Some(code)),
             None => (400, "usage: /exit?code=N\n".into(), None),
@@ -125,12 +141,41 @@ fn hog(mb: usize) {
     block.leak();
 }
 
+/// Starts `n` `sleep secs` children and leaves them running; stops at the first failure.
+fn spawn_sleepers(n: usize, secs: u64) -> String {
+    for i in 0..n {
+        if let Err(e) = std::process::Command::new("/bin/sleep").arg(secs.to_string()).spawn() {
+            return format!("spawned {i} of {n}; then: {e}\n");
+        }
+    }
+    format!("spawned {n} of {n}\n")
+}
+
+/// Busy-loops for `ms` of wall time; answers `cpu_ms=X`, the CPU time this thread got meanwhile.
+fn spin(ms: u64) -> String {
+    let before = thread_cpu_ms();
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    let mut x: u64 = 0;
+    while std::time::Instant::now() < deadline {
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+    format!("cpu_ms={} wall_ms={ms}\n", thread_cpu_ms().saturating_sub(before))
+}
+
+/// utime + stime of the calling thread, from /proc/thread-self/stat (clock ticks of 10 ms).
+fn thread_cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with the last ')'): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) * 10
+}
+
 fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
 fn respond(mut stream: TcpStream, status: u16, body: &str) {
@@ -139,6 +184,7 @@ fn respond(mut stream: TcpStream, status: u16, body: &str) {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         _ => "Unknown",
     };
     let response = format!(
