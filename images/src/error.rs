@@ -83,6 +83,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A layer unpacks to more than the per-layer limit (`UnpackOptions::max_unpacked_bytes`): a
+    /// decompression bomb, or an image larger than this host accepts. Nothing was kept.
+    #[error(
+        "layer {layer} is larger than the limit of {limit} bytes per layer: {what}; it may be a decompression \
+         bomb. If the image is trusted, raise the limit (max_unpacked_bytes)"
+    )]
+    LayerTooLarge {
+        /// diff_id of the layer.
+        layer: String,
+        /// The limit in bytes.
+        limit: u64,
+        /// What went over it (the decompressed stream, or which entry).
+        what: String,
+    },
+
     /// A local file system operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -113,6 +128,7 @@ impl Error {
                 | Error::NotFound { .. }
                 | Error::Unauthorized { .. }
                 | Error::NoMatchingPlatform { .. }
+                | Error::LayerTooLarge { .. }
         )
     }
 

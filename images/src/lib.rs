@@ -19,3 +19,4 @@ pub mod unpack;
 pub use error::Error;
 pub use reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};
 pub use store::{Image, ImageConfig, ImageStore, PullOptions};
+pub use unpack::UnpackOptions;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::IoContext;
 use crate::registry;
-use crate::unpack::{self, digest_hex, sync_dir, unique_suffix, Compression};
+use crate::unpack::{self, digest_hex, sync_dir, unique_suffix, Compression, UnpackOptions};
 use crate::{Error, Reference};
 
 /// How to reach registries during a pull.
@@ -74,6 +74,8 @@ pub struct ImageStore {
     /// One async lock per layer diff_id, so concurrent pulls in this process download and unpack
     /// a shared layer once. Across processes the temp + rename scheme keeps things correct.
     layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Limits for every layer this store unpacks.
+    unpack_options: UnpackOptions,
 }
 
 impl ImageStore {
@@ -85,11 +87,23 @@ impl ImageStore {
             layers: root.join("layers"),
             images: root.join("images"),
             layer_locks: Mutex::new(HashMap::new()),
+            unpack_options: UnpackOptions::default(),
         };
         for dir in [&store.blobs, &store.layers, &store.images] {
             fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         }
         Ok(store)
+    }
+
+    /// Sets the limits applied to layers unpacked from now on (default: [`UnpackOptions::default`]).
+    pub fn with_unpack_options(mut self, options: UnpackOptions) -> Self {
+        self.unpack_options = options;
+        self
+    }
+
+    /// The limits applied to every layer this store unpacks.
+    pub fn unpack_options(&self) -> UnpackOptions {
+        self.unpack_options
     }
 
     /// Pulls `reference` (anonymously) for this host's platform: manifest, config, every layer
@@ -178,7 +192,8 @@ impl ImageStore {
         }
         let layers = self.layers.clone();
         let diff_id = diff_id.to_string();
-        blocking(move || unpack::unpack_layer(&blob, compression, &diff_id, &layers)).await?;
+        let options = self.unpack_options;
+        blocking(move || unpack::unpack_layer_with(&blob, compression, &diff_id, &layers, &options)).await?;
         Ok(())
     }
 
@@ -394,5 +409,14 @@ mod tests {
     fn store_is_send_sync() {
         fn check<T: Send + Sync>() {}
         check::<ImageStore>();
+    }
+
+    #[test]
+    fn unpack_limit_defaults_and_can_be_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        assert_eq!(store.unpack_options(), UnpackOptions::default());
+        let small = UnpackOptions { max_unpacked_bytes: 1 << 20 };
+        assert_eq!(store.with_unpack_options(small).unpack_options(), small);
     }
 }

@@ -8,10 +8,16 @@
 //! replaced, never followed. Extraction happens in `layers/.tmp-<hex>-<unique>`, renamed into
 //! place only once the whole stream hashed to the expected diff_id, so a directory named by a
 //! diff_id is always complete.
+//!
+//! A layer is also bounded in size ([`UnpackOptions`]): the decompressed stream and the files it
+//! creates may not exceed `max_unpacked_bytes`, and what tar buffers in memory for one entry
+//! (PAX records, GNU long names, sparse maps) may not exceed [`MAX_ENTRY_HEADER_BYTES`].
 
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{lchown, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -33,6 +39,33 @@ const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// Overlayfs interprets these itself (opaque, redirect, metacopy); a layer must not smuggle them in.
 const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// Default for [`UnpackOptions::max_unpacked_bytes`]: 32 GiB. The largest single layers in public
+/// images (CUDA and deep-learning stacks) unpack to around 10 GiB, so legitimate layers have
+/// three times that headroom, while a bomb stops before it fills a typical host's disk.
+pub const DEFAULT_MAX_UNPACKED_BYTES: u64 = 32 << 30;
+
+/// Most bytes tar may read for one entry's headers, which it buffers in memory: PAX records, GNU
+/// long names and links, GNU sparse maps. Real ones are a few KiB (a path is at most 4 KiB, an
+/// xattr value at most 64 KiB); without a bound a hostile layer could make us allocate as much
+/// memory as it has bytes.
+pub const MAX_ENTRY_HEADER_BYTES: u64 = 4 << 20;
+
+/// Limits applied to every layer unpacked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpackOptions {
+    /// Most bytes one layer may unpack to. It bounds both the decompressed tar stream (counted as
+    /// it is read, so a gzip or zstd bomb stops early) and the total size of the files created (a
+    /// sparse file counts at its full size, holes included). Going over it is
+    /// [`Error::LayerTooLarge`].
+    pub max_unpacked_bytes: u64,
+}
+
+impl Default for UnpackOptions {
+    fn default() -> Self {
+        UnpackOptions { max_unpacked_bytes: DEFAULT_MAX_UNPACKED_BYTES }
+    }
+}
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,11 +108,23 @@ pub(crate) fn unique_suffix() -> String {
     format!("{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Unpacks the layer in `blob` into `layers_dir/<hex of diff_id>/` and returns that path.
+/// Unpacks the layer in `blob` into `layers_dir/<hex of diff_id>/` and returns that path, with the
+/// default [`UnpackOptions`].
 ///
 /// Already-present layers are left alone. When two pulls race on the same layer, both unpack to
 /// their own temporary directory and the loser's rename fails harmlessly.
 pub fn unpack_layer(blob: &Path, compression: Compression, diff_id: &str, layers_dir: &Path) -> Result<PathBuf, Error> {
+    unpack_layer_with(blob, compression, diff_id, layers_dir, &UnpackOptions::default())
+}
+
+/// [`unpack_layer`] with explicit limits. On any error, nothing is left in `layers_dir`.
+pub fn unpack_layer_with(
+    blob: &Path,
+    compression: Compression,
+    diff_id: &str,
+    layers_dir: &Path,
+    options: &UnpackOptions,
+) -> Result<PathBuf, Error> {
     let unpack_err = |reason: String| Error::Unpack { layer: diff_id.to_string(), reason };
     let hex = digest_hex(diff_id)
         .ok_or_else(|| unpack_err("the diff_id is not \"sha256:\" followed by 64 lowercase hex digits".into()))?;
@@ -90,7 +135,7 @@ pub fn unpack_layer(blob: &Path, compression: Compression, diff_id: &str, layers
     let tmp = layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
     fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
 
-    let result = unpack_into(blob, compression, diff_id, &tmp).and_then(|()| {
+    let result = unpack_into_with(blob, compression, diff_id, &tmp, options).and_then(|()| {
         // One syncfs instead of an fsync per file: the rename below must not survive a crash
         // that loses the files.
         let dir = File::open(&tmp).context(|| format!("opening {}", tmp.display()))?;
@@ -130,8 +175,21 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
 }
 
-/// Extracts `blob` into the empty directory `root` and checks the uncompressed stream's sha256.
+/// Extracts `blob` into the empty directory `root` and checks the uncompressed stream's sha256,
+/// with the default [`UnpackOptions`].
 pub fn unpack_into(blob: &Path, compression: Compression, diff_id: &str, root: &Path) -> Result<(), Error> {
+    unpack_into_with(blob, compression, diff_id, root, &UnpackOptions::default())
+}
+
+/// [`unpack_into`] with explicit limits. On error, `root` may hold part of the layer: the caller
+/// removes it.
+pub fn unpack_into_with(
+    blob: &Path,
+    compression: Compression,
+    diff_id: &str,
+    root: &Path,
+    options: &UnpackOptions,
+) -> Result<(), Error> {
     let file = File::open(blob).context(|| format!("opening layer blob {}", blob.display()))?;
     let file = BufReader::new(file);
     let decompressed: Box<dyn Read> = match compression {
@@ -142,14 +200,21 @@ pub fn unpack_into(blob: &Path, compression: Compression, diff_id: &str, root: &
                 .context(|| format!("starting zstd decoder for {}", blob.display()))?,
         ),
     };
-    let mut hashing = HashingReader { inner: decompressed, hasher: Sha256::new() };
-    let unpack_err = |reason: String| Error::Unpack { layer: diff_id.to_string(), reason };
+    let meter = Meter::new(options.max_unpacked_bytes);
+    let mut metered = MeteredReader { inner: decompressed, hasher: Sha256::new(), meter: &meter };
+    let stop_err = |stop: Stop| match stop {
+        Stop::Invalid(reason) => Error::Unpack { layer: diff_id.to_string(), reason: elide(reason) },
+        Stop::TooLarge(what) => {
+            Error::LayerTooLarge { layer: diff_id.to_string(), limit: options.max_unpacked_bytes, what: elide(what) }
+        }
+    };
 
-    extract(&mut tar::Archive::new(&mut hashing), root).map_err(unpack_err)?;
-    // The diff_id covers the whole stream, including the end-of-archive padding tar stops at.
-    io::copy(&mut hashing, &mut io::sink())
-        .map_err(|e| unpack_err(format!("reading the end of the layer stream: {e}")))?;
-    let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+    extract(&mut tar::Archive::new(&mut metered), root, &meter).map_err(stop_err)?;
+    // The diff_id covers the whole stream, including the end-of-archive padding tar stops at,
+    // and whatever follows it: a bomb can hide there too, so this is metered like the rest.
+    io::copy(&mut metered, &mut io::sink())
+        .map_err(|e| stop_err(meter.stop(format!("reading the end of the layer stream: {e}"))))?;
+    let actual = format!("sha256:{}", hex::encode(metered.hasher.finalize()));
     if actual != diff_id {
         return Err(Error::DigestMismatch {
             what: format!("uncompressed layer {}", blob.display()),
@@ -160,17 +225,102 @@ pub fn unpack_into(blob: &Path, compression: Compression, diff_id: &str, root: &
     Ok(())
 }
 
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
+/// Why extraction stopped.
+enum Stop {
+    /// The layer is malformed or hostile, or the file system refused: which entry and why.
+    Invalid(String),
+    /// A size limit was reached: what went over it.
+    TooLarge(String),
 }
 
-impl<R: Read> Read for HashingReader<R> {
+/// Which limit the stream reader tripped.
+#[derive(Clone, Copy)]
+enum Tripped {
+    Stream,
+    EntryHeaders,
+}
+
+/// Counts the decompressed bytes as tar reads them. Shared (through `Cell`s) between the reader,
+/// which tar owns while it iterates, and the extraction loop, which says when tar is reading
+/// headers rather than file data.
+struct Meter {
+    limit: u64,
+    total: Cell<u64>,
+    /// `Some(bytes read so far)` while tar looks for the next entry.
+    headers: Cell<Option<u64>>,
+    tripped: Cell<Option<Tripped>>,
+}
+
+impl Meter {
+    fn new(limit: u64) -> Self {
+        Meter { limit, total: Cell::new(0), headers: Cell::new(None), tripped: Cell::new(None) }
+    }
+
+    /// Turns a read error into the limit it really was, if the reader tripped one.
+    fn stop(&self, message: String) -> Stop {
+        match self.tripped.get() {
+            Some(Tripped::Stream) => Stop::TooLarge("its decompressed tar stream is longer".into()),
+            Some(Tripped::EntryHeaders) => Stop::Invalid(format!(
+                "the headers of one entry (PAX records, GNU long names, sparse maps) take more than \
+                 {MAX_ENTRY_HEADER_BYTES} bytes; a real layer needs a few KiB, refusing to buffer them"
+            )),
+            None => Stop::Invalid(message),
+        }
+    }
+}
+
+/// Shortens a message that quotes a hostile entry name (which can be megabytes long) to its start
+/// and its end, where the cause is.
+fn elide(message: String) -> String {
+    const HEAD: usize = 600;
+    const TAIL: usize = 400;
+    if message.len() <= HEAD + TAIL {
+        return message;
+    }
+    let head_end = (0..=HEAD).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+    let tail_start =
+        (message.len() - TAIL..message.len()).find(|&i| message.is_char_boundary(i)).unwrap_or(message.len());
+    format!("{}[…{} bytes…]{}", &message[..head_end], tail_start - head_end, &message[tail_start..])
+}
+
+/// Hashes the decompressed stream for the diff_id check and enforces the [`Meter`]'s limits.
+struct MeteredReader<'m, R> {
+    inner: R,
+    hasher: Sha256,
+    meter: &'m Meter,
+}
+
+impl<R: Read> Read for MeteredReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let m = self.meter;
+        // One byte past the limit at most: enough to notice it is exceeded, without reading on.
+        let allowed = m.limit.saturating_sub(m.total.get()).saturating_add(1);
+        let len = buf.len().min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..len])?;
         self.hasher.update(&buf[..n]);
+        let total = m.total.get().saturating_add(n as u64);
+        m.total.set(total);
+        if total > m.limit {
+            m.tripped.set(Some(Tripped::Stream));
+            return Err(io::Error::other(format!("the layer is larger than {} bytes", m.limit)));
+        }
+        if let Some(h) = m.headers.get() {
+            let h = h.saturating_add(n as u64);
+            m.headers.set(Some(h));
+            if h > MAX_ENTRY_HEADER_BYTES {
+                m.tripped.set(Some(Tripped::EntryHeaders));
+                return Err(io::Error::other("entry headers too large"));
+            }
+        }
         Ok(n)
     }
+}
+
+/// When an entry was last modified, as precisely as the archive says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mtime {
+    secs: i64,
+    nanos: u32,
 }
 
 /// Owner, mode, mtime and xattrs of one entry, applied after it is created.
@@ -178,31 +328,54 @@ struct Meta {
     uid: u64,
     gid: u64,
     mode: u32,
-    mtime: i64,
+    mtime: Mtime,
     xattrs: Vec<(String, Vec<u8>)>,
 }
 
-fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path) -> Result<(), String> {
-    // Directory mtimes are set last: creating children changes them.
-    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
-    let entries = archive.entries().map_err(|e| format!("not a tar stream: {e}"))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| format!("reading the next tar entry: {e}"))?;
-        let raw = entry.path().map_err(|e| format!("entry with an unreadable path: {e}"))?.into_owned();
+/// Directory mtimes, set once every entry is in place (creating children changes them). Keyed by
+/// path beneath the root, so the last entry for a directory wins.
+type DirTimes = BTreeMap<Vec<OsString>, Mtime>;
+
+fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter) -> Result<(), Stop> {
+    let mut dir_times = DirTimes::new();
+    // Bytes the files of this layer take, holes of sparse files included.
+    let mut file_bytes: u64 = 0;
+    let mut entries = archive.entries().map_err(|e| meter.stop(format!("not a tar stream: {e}")))?;
+    loop {
+        // tar buffers whatever it reads before yielding the next entry: bound it.
+        meter.headers.set(Some(0));
+        let next = entries.next();
+        meter.headers.set(None);
+        let Some(entry) = next else { break };
+        let mut entry = entry.map_err(|e| meter.stop(format!("reading the next tar entry: {e}")))?;
+        let raw = entry.path().map_err(|e| Stop::Invalid(format!("entry with an unreadable path: {e}")))?.into_owned();
         let name = raw.display().to_string();
-        extract_entry(&mut entry, &raw, root, &mut dir_times).map_err(|e| format!("entry {name:?}: {e}"))?;
+
+        let kind = entry.header().entry_type();
+        if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse) {
+            let size = entry.size();
+            file_bytes = file_bytes.saturating_add(size);
+            if file_bytes > meter.limit {
+                return Err(Stop::TooLarge(format!(
+                    "entry {name:?} declares {size} bytes, which brings its files over the limit"
+                )));
+            }
+        }
+        extract_entry(&mut entry, &raw, root, &mut dir_times)
+            .map_err(|e| meter.stop(format!("entry {name:?}: {e}")))?;
+        // Data the entry's kind does not use (a directory with a size, say) is skipped here, so
+        // it counts as data, not as the next entry's headers.
+        io::copy(&mut entry, &mut io::sink())
+            .map_err(|e| meter.stop(format!("entry {name:?}: skipping its data: {e}")))?;
     }
-    for (path, mtime) in dir_times.iter().rev() {
-        set_mtime(path, *mtime)?;
-    }
-    Ok(())
+    set_dir_times(root, &dir_times).map_err(Stop::Invalid)
 }
 
 fn extract_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     raw: &Path,
     root: &Path,
-    dir_times: &mut Vec<(PathBuf, i64)>,
+    dir_times: &mut DirTimes,
 ) -> Result<(), String> {
     let kind = entry.header().entry_type();
     let components = sanitize(raw)?;
@@ -212,7 +385,7 @@ fn extract_entry<R: Read>(
         // "./" or "/": the layer root itself. Only its metadata can be set.
         if kind.is_dir() {
             apply_meta(root, &meta, false)?;
-            dir_times.push((root.to_path_buf(), meta.mtime));
+            dir_times.insert(Vec::new(), meta.mtime);
         }
         return Ok(());
     };
@@ -243,19 +416,12 @@ fn extract_entry<R: Read>(
     // Pre-POSIX tars mark directories only by a trailing slash on a regular-file entry.
     let old_style_dir = kind == T::Regular && raw.as_os_str().as_bytes().ends_with(b"/");
     match kind {
-        _ if old_style_dir => {
+        _ if old_style_dir || kind == T::Directory => {
             if !clear(&path, true)? {
                 fs::create_dir(&path).map_err(|e| format!("creating directory: {e}"))?;
             }
             apply_meta(&path, &meta, false)?;
-            dir_times.push((path, meta.mtime));
-        }
-        T::Directory => {
-            if !clear(&path, true)? {
-                fs::create_dir(&path).map_err(|e| format!("creating directory: {e}"))?;
-            }
-            apply_meta(&path, &meta, false)?;
-            dir_times.push((path, meta.mtime));
+            dir_times.insert(components, meta.mtime);
         }
         T::Regular | T::Continuous | T::GNUSparse => {
             clear(&path, false)?;
@@ -267,7 +433,13 @@ fn extract_entry<R: Read>(
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| format!("creating file: {e}"))?;
-            io::copy(entry, &mut file).map_err(|e| format!("writing file contents: {e}"))?;
+            let size = entry.size();
+            let written =
+                if kind == T::GNUSparse { write_sparse(entry, &mut file) } else { io::copy(entry, &mut file) }
+                    .map_err(|e| format!("writing file contents: {e}"))?;
+            if written != size {
+                return Err(format!("the layer stream ends inside this entry, after {written} of its {size} bytes"));
+            }
             drop(file);
             apply_meta(&path, &meta, false)?;
             set_mtime(&path, meta.mtime)?;
@@ -305,8 +477,16 @@ fn extract_entry<R: Read>(
                 T::Block => SFlag::S_IFBLK,
                 _ => SFlag::S_IFIFO,
             };
-            let major = entry.header().device_major().ok().flatten().unwrap_or(0);
-            let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
+            // A misread number must not silently become 0/0, which overlayfs reads as a whiteout.
+            let (major, minor) = match kind {
+                T::Fifo => (0, 0),
+                _ => {
+                    let h = entry.header();
+                    let major = h.device_major().map_err(|e| format!("bad device major field: {e}"))?;
+                    let minor = h.device_minor().map_err(|e| format!("bad device minor field: {e}"))?;
+                    major.zip(minor).ok_or("device entry without device numbers (pre-POSIX tar header)")?
+                }
+            };
             clear(&path, false)?;
             mknod(&path, sflag, Mode::from_bits_truncate(0o600), makedev(u64::from(major), u64::from(minor)))
                 .map_err(|e| format!("creating device node: {e}"))?;
@@ -319,6 +499,33 @@ fn extract_entry<R: Read>(
         }
     }
     Ok(())
+}
+
+/// Copies a GNU sparse entry, seeking over runs of zeros instead of writing them, so the holes the
+/// archive described stay holes on disk. Returns the file's size.
+fn write_sparse(entry: &mut impl Read, file: &mut File) -> io::Result<u64> {
+    const CHUNK: usize = 64 * 1024;
+    static ZEROS: [u8; CHUNK] = [0; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut size: u64 = 0;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // Slice equality is a memcmp: fast even in unoptimised builds.
+        if buf[..n] == ZEROS[..n] {
+            file.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            file.write_all(&buf[..n])?;
+        }
+        size += n as u64;
+    }
+    // A trailing hole: seeking alone does not extend the file.
+    file.set_len(size)?;
+    Ok(size)
 }
 
 /// Turns a tar path into components relative to the layer root. A leading `/` is dropped (tar
@@ -389,6 +596,23 @@ fn existing_path(root: &Path, components: &[OsString]) -> Result<PathBuf, String
     }
 }
 
+/// Sets the recorded directory mtimes. A later entry may have replaced a directory, or one of its
+/// parents, with a symlink or a file: each path is resolved again through real directories only,
+/// and what is no longer a directory is skipped, so no time is ever set outside the root.
+fn set_dir_times(root: &Path, dir_times: &DirTimes) -> Result<(), String> {
+    'dirs: for (components, mtime) in dir_times {
+        let mut p = root.to_path_buf();
+        for c in components {
+            p.push(c);
+            if !fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_dir()) {
+                continue 'dirs;
+            }
+        }
+        set_mtime(&p, *mtime)?;
+    }
+    Ok(())
+}
+
 fn relative(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).unwrap_or(p).display().to_string()
 }
@@ -420,7 +644,10 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
         uid: h.uid().map_err(|e| format!("bad uid field: {e}"))?,
         gid: h.gid().map_err(|e| format!("bad gid field: {e}"))?,
         mode: h.mode().map_err(|e| format!("bad mode field: {e}"))? & 0o7777,
-        mtime: i64::try_from(h.mtime().map_err(|e| format!("bad mtime field: {e}"))?).unwrap_or(i64::MAX),
+        mtime: Mtime {
+            secs: i64::try_from(h.mtime().map_err(|e| format!("bad mtime field: {e}"))?).unwrap_or(i64::MAX),
+            nanos: 0,
+        },
         xattrs: Vec::new(),
     };
     let Some(pax) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? else {
@@ -438,14 +665,33 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
         match key {
             "uid" => meta.uid = value.and_then(|v| v.parse().ok()).unwrap_or(meta.uid),
             "gid" => meta.gid = value.and_then(|v| v.parse().ok()).unwrap_or(meta.gid),
-            "mtime" => meta.mtime = value.and_then(|v| v.split('.').next()?.parse().ok()).unwrap_or(meta.mtime),
+            "mtime" => meta.mtime = value.and_then(parse_pax_time).unwrap_or(meta.mtime),
             _ => {}
         }
     }
     Ok(meta)
 }
 
-/// Owner first, then mode (chown clears setuid/setgid), then xattrs.
+/// A PAX time: decimal seconds since the epoch with an optional fraction (`1234567890.5`,
+/// `-1.25`).
+fn parse_pax_time(v: &str) -> Option<Mtime> {
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Nanoseconds: the first nine digits, right-padded with zeros.
+    let nanos = frac.bytes().chain(std::iter::repeat(b'0')).take(9).fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    if v.starts_with('-') && nanos > 0 {
+        // "-1.25" is 1.25 s before the epoch: -2 s + 0.75 s.
+        Some(Mtime { secs: secs.checked_sub(1)?, nanos: 1_000_000_000 - nanos })
+    } else {
+        Some(Mtime { secs, nanos })
+    }
+}
+
+/// Owner first, then mode (chown clears setuid/setgid), then xattrs (chown also clears
+/// `security.capability`).
 fn apply_meta(path: &Path, meta: &Meta, is_symlink: bool) -> Result<(), String> {
     let uid = u32::try_from(meta.uid).map_err(|_| format!("uid {} out of range", meta.uid))?;
     let gid = u32::try_from(meta.gid).map_err(|_| format!("gid {} out of range", meta.gid))?;
@@ -465,8 +711,8 @@ fn apply_meta(path: &Path, meta: &Meta, is_symlink: bool) -> Result<(), String> 
     Ok(())
 }
 
-fn set_mtime(path: &Path, mtime: i64) -> Result<(), String> {
-    let t = TimeSpec::new(mtime, 0);
+fn set_mtime(path: &Path, mtime: Mtime) -> Result<(), String> {
+    let t = TimeSpec::new(mtime.secs, i64::from(mtime.nanos));
     utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink)
         .map_err(|e| format!("setting mtime of {}: {e}", path.display()))
 }

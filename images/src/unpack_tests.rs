@@ -1,6 +1,7 @@
 //! Unpack tests: layers built in memory, unpacked for real (needs root for chown/mknod/trusted
 //! xattrs, as on our CI machines).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -37,6 +38,20 @@ fn e(path: &str, kind: tar::EntryType) -> E<'_> {
         mtime: 1_600_000_000,
         dev: (0, 0),
     }
+}
+
+/// A header with every numeric field set, for tests that then break one of them on purpose.
+fn raw_header(h: tar::Header, path: &str, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = h;
+    set_raw(&mut h.as_old_mut().name, path);
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_cksum();
+    h
 }
 
 fn set_raw(field: &mut [u8], value: &str) {
@@ -93,6 +108,25 @@ impl Layer {
         self
     }
 
+    /// Any header, with its data, exactly as given.
+    fn raw(&mut self, h: &tar::Header, data: &[u8]) -> &mut Self {
+        self.builder.append(h, data).unwrap();
+        self
+    }
+
+    /// A GNU long name (`L`) or long link (`K`) member applying to the next entry.
+    fn gnu_long(&mut self, kind: tar::EntryType, value: &[u8]) -> &mut Self {
+        let mut data = value.to_vec();
+        data.push(0);
+        let mut h = tar::Header::new_gnu();
+        set_raw(&mut h.as_old_mut().name, "././@LongLink");
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        self.raw(&h, &data)
+    }
+
     fn finish(&mut self) -> Vec<u8> {
         let b = std::mem::replace(&mut self.builder, tar::Builder::new(Vec::new()));
         b.into_inner().unwrap()
@@ -103,7 +137,9 @@ fn diff_id(tar: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(tar)))
 }
 
-/// A scratch data dir with a `layers/` directory and a place for blobs.
+/// A scratch data dir with a `layers/` directory, a place for blobs, and a `sentinel/` directory
+/// beside the layers that hostile layers aim at. Every unpack checks that nothing outside
+/// `layers/` changed and that `layers/` gained the finished layer or nothing.
 struct Scratch {
     dir: tempfile::TempDir,
 }
@@ -112,15 +148,45 @@ impl Scratch {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("layers")).unwrap();
+        let sentinel = dir.path().join("sentinel");
+        fs::create_dir_all(sentinel.join("sub")).unwrap();
+        fs::write(sentinel.join("canary"), b"canary").unwrap();
+        fs::write(sentinel.join("sub/inner"), b"inner").unwrap();
+        std::os::unix::fs::symlink("canary", sentinel.join("link")).unwrap();
         Scratch { dir }
     }
     fn layers(&self) -> PathBuf {
         self.dir.path().join("layers")
     }
+    /// Absolute path of the sentinel directory, for link targets and absolute entry paths.
+    fn sentinel(&self) -> String {
+        self.dir.path().join("sentinel").to_str().unwrap().to_string()
+    }
     fn unpack(&self, blob: &[u8], c: Compression, diff_id: &str) -> Result<PathBuf, Error> {
+        self.unpack_with(blob, c, diff_id, &UnpackOptions::default())
+    }
+    fn unpack_with(&self, blob: &[u8], c: Compression, diff_id: &str, opts: &UnpackOptions) -> Result<PathBuf, Error> {
         let path = self.dir.path().join(format!("blob-{}", unique_suffix()));
         fs::write(&path, blob).unwrap();
-        unpack_layer(&path, c, diff_id, &self.layers())
+        let outside_before = outside_snapshot(self.dir.path());
+        let layers_before: BTreeSet<String> = self.layer_names().into_iter().collect();
+
+        let result = unpack_layer_with(&path, c, diff_id, &self.layers(), opts);
+
+        let outside_after = outside_snapshot(self.dir.path());
+        for (p, before) in &outside_before {
+            assert_eq!(outside_after.get(p), Some(before), "{} changed outside the layer root", p.display());
+        }
+        let created: Vec<_> = outside_after.keys().filter(|p| !outside_before.contains_key(*p)).collect();
+        assert!(created.is_empty(), "created outside the layer root: {created:?}");
+        let layers_after: BTreeSet<String> = self.layer_names().into_iter().collect();
+        let mut expected = layers_before;
+        if let Ok(root) = &result {
+            assert_eq!(root.parent(), Some(self.layers().as_path()));
+            expected.insert(root.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        assert_eq!(layers_after, expected, "layers/ holds the finished layer or nothing new (no temp dir)");
+        result
     }
     fn unpack_tar(&self, tar: &[u8]) -> Result<PathBuf, Error> {
         self.unpack(tar, Compression::None, &diff_id(tar))
@@ -147,6 +213,65 @@ fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     }
     buf.truncate(rc as usize);
     Some(buf)
+}
+
+fn list_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 4096];
+    // SAFETY: a valid NUL-terminated path and a buffer whose length is passed with it.
+    let rc = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(rc >= 0, "llistxattr {}: {}", path.display(), io::Error::last_os_error());
+    names.truncate(rc as usize);
+    names
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            let name = String::from_utf8_lossy(n).into_owned();
+            let value = get_xattr(path, &name).unwrap_or_default();
+            (name, value)
+        })
+        .collect()
+}
+
+/// Everything in the scratch dir except `layers/`: every byte and every bit of metadata a hostile
+/// layer could change (ctime catches a chmod, chown or xattr change even if undone).
+fn outside_snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+    fn walk(base: &Path, p: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        let m = fs::symlink_metadata(p).unwrap();
+        let content = if m.is_file() {
+            hex::encode(Sha256::digest(fs::read(p).unwrap()))
+        } else if m.file_type().is_symlink() {
+            fs::read_link(p).unwrap().display().to_string()
+        } else {
+            String::new()
+        };
+        let desc = format!(
+            "{:o} {}:{} size={} mtime={}.{} ctime={}.{} rdev={} nlink={} {content} {:?}",
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.rdev(),
+            m.nlink(),
+            list_xattrs(p),
+        );
+        out.insert(p.strip_prefix(base).unwrap().to_path_buf(), desc);
+        if m.is_dir() {
+            for entry in fs::read_dir(p).unwrap() {
+                let child = entry.unwrap().path();
+                if child != base.join("layers") {
+                    walk(base, &child, out);
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }
 
 fn unpack_error(r: Result<PathBuf, Error>) -> String {
@@ -446,4 +571,686 @@ fn old_style_directory_entry() {
     let m = fs::symlink_metadata(root.join("olddir")).unwrap();
     assert!(m.is_dir());
     assert_eq!(m.mode() & 0o7777, 0o700);
+}
+
+// ---- The hostile corpus: one layer (or a few variants of one trick) per case. Every unpack runs
+// through `Scratch::unpack_with`, which fails the test if anything outside the layer root changed.
+
+fn too_large(r: Result<PathBuf, Error>) -> String {
+    match r {
+        Err(e @ Error::LayerTooLarge { .. }) => {
+            assert!(e.is_user_error(), "a layer over the limit is the image's fault: {e}");
+            e.to_string()
+        }
+        other => panic!("expected LayerTooLarge, got {other:?}"),
+    }
+}
+
+/// Absolute paths, even ones naming the sentinel, land beneath the root; so do absolute hardlink
+/// targets and whiteouts.
+#[test]
+fn hostile_absolute_paths() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let (canary, sub, whiteout, hard) = (
+        format!("{sentinel}/canary"),
+        format!("{sentinel}/sub/"),
+        format!("{sentinel}/.wh.link"),
+        format!("{sentinel}/hard"),
+    );
+    let tar = Layer::new()
+        .add(E { data: b"overwritten?", ..e(&canary, T::Regular) })
+        .add(E { mode: 0o700, ..e(&sub, T::Directory) })
+        .add(e(&whiteout, T::Regular))
+        .add(E { link: Some(&canary), ..e(&hard, T::Link) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let inside = root.join(sentinel.trim_start_matches('/'));
+    assert_eq!(fs::read(inside.join("canary")).unwrap(), b"overwritten?");
+    assert_eq!(fs::symlink_metadata(inside.join("sub")).unwrap().mode() & 0o7777, 0o700);
+    assert!(fs::symlink_metadata(inside.join("link")).unwrap().file_type().is_char_device());
+    let ino = |p: &str| fs::symlink_metadata(inside.join(p)).unwrap().ino();
+    assert_eq!(ino("hard"), ino("canary"));
+}
+
+/// A ustar `prefix` field is part of the path: `..` there is refused like anywhere else.
+#[test]
+fn hostile_dotdot_in_ustar_prefix() {
+    let s = Scratch::new();
+    let mut h = raw_header(tar::Header::new_ustar(), "canary", T::Regular, 5);
+    set_raw(&mut h.as_ustar_mut().unwrap().prefix, "../../sentinel");
+    h.set_cksum();
+    let tar = Layer::new().raw(&h, b"pwned").finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("../../sentinel/canary") && msg.contains("\"..\""), "{msg}");
+}
+
+/// a -> b -> c -> ../../sentinel: writing through the first link of the chain is refused, whatever
+/// the chain's length or where its links live.
+#[test]
+fn hostile_symlink_chain_escaping() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let chain = |l: &mut Layer| {
+        l.add(E { link: Some("b"), ..e("a", T::Symlink) })
+            .add(E { link: Some("c"), ..e("b", T::Symlink) })
+            .add(E { link: Some("../../sentinel"), ..e("c", T::Symlink) });
+    };
+    for victim in ["a/canary", "a/planted", "a/sub/inner", "a/sub/new/deeper", "a/.wh.canary", "a/.wh..wh..opq"] {
+        let mut l = Layer::new();
+        chain(&mut l);
+        let tar = l.add(E { data: b"pwned", ..e(victim, T::Regular) }).finish();
+        let msg = unpack_error(s.unpack_tar(&tar));
+        assert!(msg.contains("parent \"a\" is a symlink"), "{victim}: {msg}");
+    }
+    let mut l = Layer::new();
+    chain(&mut l);
+    let tar = l.add(e("a/newdir/", T::Directory)).finish();
+    unpack_error(s.unpack_tar(&tar));
+
+    // A chain through a real directory, mixing absolute and relative links.
+    let tar = Layer::new()
+        .add(e("d/", T::Directory))
+        .add(E { link: Some("../x"), ..e("d/l", T::Symlink) })
+        .add(E { link: Some(&sentinel), ..e("x", T::Symlink) })
+        .add(E { data: b"pwned", ..e("d/l/canary", T::Regular) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("parent \"d/l\" is a symlink"), "{msg}");
+
+    // The chain itself is only data: unpacked as is, it is harmless.
+    let mut l = Layer::new();
+    chain(&mut l);
+    let root = s.unpack_tar(&l.finish()).unwrap();
+    assert_eq!(fs::read_link(root.join("c")).unwrap(), Path::new("../../sentinel"));
+}
+
+/// A hardlink to a symlink that points outside shares the symlink's inode: it is itself such a
+/// symlink, inside the root, never followed. Writing through it is refused; replacing it is fine.
+#[test]
+fn hostile_hardlink_to_escaping_symlink() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let canary = format!("{sentinel}/canary");
+    let tar = Layer::new()
+        .add(E { link: Some(&canary), ..e("evil", T::Symlink) })
+        .add(E { link: Some("evil"), ..e("h", T::Link) })
+        .add(E { link: Some("../../sentinel"), ..e("evil-dir", T::Symlink) })
+        .add(E { link: Some("evil-dir"), ..e("h-dir", T::Link) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let h = fs::symlink_metadata(root.join("h")).unwrap();
+    assert!(h.file_type().is_symlink());
+    assert_eq!(h.ino(), fs::symlink_metadata(root.join("evil")).unwrap().ino());
+    assert_eq!(fs::read_link(root.join("h")).unwrap(), Path::new(&canary));
+    assert!(fs::symlink_metadata(root.join("h-dir")).unwrap().file_type().is_symlink());
+
+    // Content for the hardlink's path replaces the link; the file it pointed to is untouched.
+    let tar = Layer::new()
+        .add(E { link: Some(&canary), ..e("evil", T::Symlink) })
+        .add(E { link: Some("evil"), ..e("h", T::Link) })
+        .add(E { data: b"pwned", ..e("h", T::Regular) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    assert_eq!(fs::read(root.join("h")).unwrap(), b"pwned");
+
+    // Through it as a directory: refused.
+    let tar = Layer::new()
+        .add(E { link: Some(&sentinel), ..e("evil", T::Symlink) })
+        .add(E { link: Some("evil"), ..e("h", T::Link) })
+        .add(E { data: b"pwned", ..e("h/canary", T::Regular) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("parent \"h\" is a symlink"), "{msg}");
+
+    // A hardlink whose target goes through the escaping symlink: refused.
+    let tar = Layer::new()
+        .add(E { link: Some(&sentinel), ..e("evil", T::Symlink) })
+        .add(E { link: Some("evil/canary"), ..e("h", T::Link) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("hardlink target") && msg.contains("not a real directory"), "{msg}");
+}
+
+/// Whiteouts only ever remove (and mark) things beneath the root.
+#[test]
+fn hostile_whiteout_outside() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let refused = [
+        ("../.wh.sentinel", "\"..\""),
+        ("../../sentinel/.wh.canary", "\"..\""),
+        ("evil/.wh.canary", "parent \"evil\" is a symlink"),
+        ("evil/.wh..wh..opq", "parent \"evil\" is a symlink"),
+        ("evil/sub/.wh.inner", "parent \"evil\" is a symlink"),
+        (".wh..", "whiteout names nothing"),
+        ("d/.wh.", "whiteout names nothing"),
+    ];
+    for (path, want) in refused {
+        let tar = Layer::new()
+            .add(E { link: Some(&sentinel), ..e("evil", T::Symlink) })
+            .add(e("d/", T::Directory))
+            .add(e(path, T::Regular))
+            .finish();
+        let msg = unpack_error(s.unpack_tar(&tar));
+        assert!(msg.contains(want), "{path}: {msg}");
+    }
+
+    // Whiting out a symlink that points outside removes the symlink, not what it points to; the
+    // same for a real directory (recursively, inside the root only).
+    let tar = Layer::new()
+        .add(E { link: Some(&sentinel), ..e("evil", T::Symlink) })
+        .add(E { link: Some("../../sentinel/canary"), ..e("evil-file", T::Symlink) })
+        .add(e("dir/", T::Directory))
+        .add(E { link: Some(&sentinel), ..e("dir/evil", T::Symlink) })
+        .add(e(".wh.evil", T::Regular))
+        .add(e(".wh.evil-file", T::Regular))
+        .add(e(".wh.dir", T::Regular))
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    for p in ["evil", "evil-file", "dir"] {
+        let m = fs::symlink_metadata(root.join(p)).unwrap();
+        assert!(m.file_type().is_char_device() && m.rdev() == 0, "{p}");
+    }
+}
+
+/// Device nodes are created as the layer says (as Docker does), inside the root only; access to
+/// them from a container is the device cgroup's business. A node replaces a symlink at its path
+/// rather than following it, and a misread device number is an error, never a 0/0 whiteout.
+#[test]
+fn hostile_device_nodes() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let tar = Layer::new()
+        .add(E { link: Some(&format!("{sentinel}/canary")), ..e("dev/sda", T::Symlink) })
+        .add(E { dev: (8, 0), mode: 0o660, ..e("dev/sda", T::Block) })
+        .add(E { dev: (1, 1), mode: 0o640, ..e("dev/mem", T::Char) })
+        .add(E { mode: 0o4755, ..e("dev/fifo", T::Fifo) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let sda = fs::symlink_metadata(root.join("dev/sda")).unwrap();
+    assert!(sda.file_type().is_block_device());
+    assert_eq!((sda.rdev(), sda.mode() & 0o7777), (makedev(8, 0), 0o660));
+    let mem = fs::symlink_metadata(root.join("dev/mem")).unwrap();
+    assert!(mem.file_type().is_char_device());
+    assert_eq!(mem.rdev(), makedev(1, 1));
+    assert!(fs::symlink_metadata(root.join("dev/fifo")).unwrap().file_type().is_fifo());
+
+    // Through a symlinked parent: refused.
+    let tar = Layer::new()
+        .add(E { link: Some(&sentinel), ..e("evil", T::Symlink) })
+        .add(E { dev: (1, 3), ..e("evil/null", T::Char) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("parent \"evil\" is a symlink"), "{msg}");
+
+    // Garbage in the device number field.
+    let mut h = raw_header(tar::Header::new_ustar(), "dev/bad", T::Char, 0);
+    h.as_ustar_mut().unwrap().dev_major = *b"zzzzzzz\0";
+    h.set_cksum();
+    let msg = unpack_error(s.unpack_tar(&Layer::new().raw(&h, b"").finish()));
+    assert!(msg.contains("bad device major field"), "{msg}");
+}
+
+/// The same path several times: the last entry wins, whatever the kinds, as with `tar -x`.
+#[test]
+fn hostile_duplicate_entries() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let tar = Layer::new()
+        // file, file
+        .add(E { data: b"first", ..e("f", T::Regular) })
+        .add(E { data: b"second", mode: 0o600, ..e("f", T::Regular) })
+        // directory with contents, then file
+        .add(e("d2f/", T::Directory))
+        .add(E { data: b"child", ..e("d2f/child", T::Regular) })
+        .add(E { data: b"now a file", ..e("d2f", T::Regular) })
+        // file, then directory
+        .add(E { data: b"file", ..e("f2d", T::Regular) })
+        .add(E { mode: 0o711, ..e("f2d/", T::Directory) })
+        // symlink out, then directory, then a file in it
+        .add(E { link: Some(&sentinel), ..e("l2d", T::Symlink) })
+        .add(e("l2d/", T::Directory))
+        .add(E { data: b"inside", ..e("l2d/canary", T::Regular) })
+        // directory twice: the second's mode, owner and mtime win
+        .add(E { mode: 0o755, uid: 1, mtime: 1_000_000_000, ..e("dd/", T::Directory) })
+        .add(E { mode: 0o700, uid: 2, mtime: 1_100_000_000, ..e("dd/", T::Directory) })
+        // a file and its hardlink, then the file again: the link keeps the old content
+        .add(E { data: b"old", ..e("orig", T::Regular) })
+        .add(E { link: Some("orig"), ..e("link", T::Link) })
+        .add(E { data: b"new", ..e("orig", T::Regular) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let meta = |p: &str| fs::symlink_metadata(root.join(p)).unwrap();
+    assert_eq!(fs::read(root.join("f")).unwrap(), b"second");
+    assert_eq!(meta("f").mode() & 0o7777, 0o600);
+    assert_eq!(fs::read(root.join("d2f")).unwrap(), b"now a file");
+    assert!(meta("f2d").is_dir() && meta("f2d").mode() & 0o7777 == 0o711);
+    assert!(meta("l2d").is_dir());
+    assert_eq!(fs::read(root.join("l2d/canary")).unwrap(), b"inside");
+    assert_eq!((meta("dd").mode() & 0o7777, meta("dd").uid(), meta("dd").mtime()), (0o700, 2, 1_100_000_000));
+    assert_eq!(fs::read(root.join("link")).unwrap(), b"old");
+    assert_eq!(fs::read(root.join("orig")).unwrap(), b"new");
+}
+
+/// A directory (and its subdirectory) replaced later in the stream by a symlink pointing outside:
+/// the directory mtimes, set at the end, must not be set through the symlink. (They were: the
+/// sentinel's `sub` got the layer's mtime.)
+#[test]
+fn hostile_dir_replaced_by_symlink_before_mtimes_are_set() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let tar = Layer::new()
+        .add(E { mtime: 1_000, ..e("x/", T::Directory) })
+        .add(E { mtime: 2_000, ..e("x/sub/", T::Directory) })
+        .add(E { link: Some(&sentinel), mtime: 3_000, ..e("x", T::Symlink) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let x = fs::symlink_metadata(root.join("x")).unwrap();
+    assert!(x.file_type().is_symlink());
+    assert_eq!(x.mtime(), 3_000);
+}
+
+/// Sizes no real layer has: rejected before anything is written, or as soon as the stream
+/// contradicts them.
+#[test]
+fn hostile_huge_sizes() {
+    let s = Scratch::new();
+    // A file declaring 1 TiB: over the (default) limit, refused before writing a byte.
+    let mut h = raw_header(tar::Header::new_gnu(), "big", T::Regular, 1 << 40);
+    let mut tar = Layer::new().raw(&h, b"").finish();
+    tar.truncate(512 + 512);
+    let msg = too_large(s.unpack_tar(&tar));
+    assert!(msg.contains("entry \"big\" declares 1099511627776 bytes"), "{msg}");
+
+    // Within the limit, but the stream ends first.
+    h.set_size(10 << 20);
+    h.set_cksum();
+    let mut tar = Layer::new().raw(&h, b"").finish();
+    tar.truncate(512 + 512);
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("the layer stream ends inside this entry, after 512 of its 10485760 bytes"), "{msg}");
+
+    // A base-256 size of 2^64-1: tar itself refuses it.
+    h.as_old_mut().size = [0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+    h.set_cksum();
+    assert_eq!(h.size().unwrap(), u64::MAX);
+    let tar = Layer::new().raw(&h, b"").finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("size overflow"), "{msg}");
+
+    // A directory declaring data it does not have.
+    let h = raw_header(tar::Header::new_ustar(), "dir/", T::Directory, 1 << 30);
+    let mut tar = Layer::new().raw(&h, b"").finish();
+    tar.truncate(512);
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("EOF"), "{msg}");
+}
+
+/// GNU long names (`L`) and long links (`K`) are paths like any other.
+#[test]
+fn hostile_gnu_long_name() {
+    let s = Scratch::new();
+    let long = format!("{}/file", "d".repeat(200));
+    let tar = Layer::new()
+        .gnu_long(T::GNULongName, long.as_bytes())
+        .add(E { data: b"long", ..e("truncated-name", T::Regular) })
+        .gnu_long(T::GNULongName, b"long-symlink")
+        .gnu_long(T::GNULongLink, format!("../../{}", "x".repeat(200)).as_bytes())
+        .add(E { link: Some("truncated"), ..e("t", T::Symlink) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    assert_eq!(fs::read(root.join(&long)).unwrap(), b"long");
+    let target = fs::read_link(root.join("long-symlink")).unwrap();
+    assert_eq!(target.to_str().unwrap(), format!("../../{}", "x".repeat(200)));
+
+    let dotdot = format!("{}/../../../sentinel/canary", "d".repeat(120));
+    let tar = Layer::new()
+        .gnu_long(T::GNULongName, dotdot.as_bytes())
+        .add(E { data: b"pwned", ..e("ok", T::Regular) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("sentinel/canary") && msg.contains("\"..\""), "{msg}");
+
+    let tar = Layer::new()
+        .gnu_long(T::GNULongLink, format!("{}/../../../../sentinel/canary", "d".repeat(120)).as_bytes())
+        .add(E { link: Some("ok"), ..e("h", T::Link) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("hardlink target") && msg.contains("\"..\""), "{msg}");
+}
+
+/// A GNU long name tar would buffer whole: bounded, so a layer cannot make us allocate its size.
+#[test]
+fn hostile_huge_gnu_long_name() {
+    let s = Scratch::new();
+    let name = vec![b'a'; usize::try_from(MAX_ENTRY_HEADER_BYTES).unwrap() + 1];
+    let tar = Layer::new().gnu_long(T::GNULongName, &name).add(e("x", T::Regular)).finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("headers of one entry") && msg.contains("refusing to buffer"), "{msg}");
+    assert!(msg.len() < 2048, "a hostile name is not echoed whole: {} bytes", msg.len());
+
+    let tar = Layer::new().pax(&[("comment", &name)]).add(e("x", T::Regular)).finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("headers of one entry"), "{msg}");
+}
+
+/// PAX `path` and `linkpath` override the ustar fields, and are checked the same way.
+#[test]
+fn hostile_pax_long_name_with_dotdot() {
+    let s = Scratch::new();
+    let long = format!("{}/file", ["p"; 150].join("/"));
+    let tar = Layer::new()
+        .pax(&[("path", long.as_bytes())])
+        .add(E { data: b"pax", ..e("short", T::Regular) })
+        .pax(&[("linkpath", long.as_bytes())])
+        .add(E { link: Some("short"), ..e("hard", T::Link) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    assert_eq!(fs::read(root.join(&long)).unwrap(), b"pax");
+    assert_eq!(fs::symlink_metadata(root.join("hard")).unwrap().ino(), fs::metadata(root.join(&long)).unwrap().ino());
+    assert!(!root.join("short").exists(), "the PAX path wins over the ustar name");
+
+    let tar = Layer::new()
+        .pax(&[("path", b"innocent/../../../sentinel/canary")])
+        .add(E { data: b"pwned", ..e("innocent", T::Regular) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("../../../sentinel/canary") && msg.contains("\"..\""), "{msg}");
+
+    let tar = Layer::new()
+        .add(E { data: b"x", ..e("innocent", T::Regular) })
+        .pax(&[("linkpath", b"../../sentinel/canary")])
+        .add(E { link: Some("innocent"), ..e("h", T::Link) })
+        .finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.contains("hardlink target") && msg.contains("\"..\""), "{msg}");
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A small gzip blob that decompresses to gigabytes of zeros after a valid tar: counted on the
+/// decompressed stream, it stops at the limit, long before the digest check would have read it
+/// all, and leaves nothing behind.
+#[test]
+fn decompression_bomb_hits_quota() {
+    let s = Scratch::new();
+    let limit = UnpackOptions { max_unpacked_bytes: 8 << 20 };
+    let mut tar = simple_tar();
+    tar.resize(16 << 20, 0);
+    // Gzip members concatenate: 256 copies of 16 MiB is 4 GiB from a blob of about 4 MiB.
+    let member = gzip(&tar);
+    let zeros = gzip(&vec![0u8; 16 << 20]);
+    let mut bomb = member.clone();
+    for _ in 0..255 {
+        bomb.extend_from_slice(&zeros);
+    }
+    // The diff_id is never reached; any well-formed one will do.
+    let fake_id = format!("sha256:{}", "a".repeat(64));
+    let started = std::time::Instant::now();
+    let msg = too_large(s.unpack_with(&bomb, Compression::Gzip, &fake_id, &limit));
+    assert!(msg.contains("decompressed tar stream") && msg.contains("8388608 bytes"), "{msg}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "stopped early: {:?}", started.elapsed());
+
+    // The same for file contents, in zstd: refused from the entry's declared size.
+    let big = Layer::new().add(E { data: &vec![0u8; 9 << 20], ..e("zeros", T::Regular) }).finish();
+    let zst = zstd::encode_all(&big[..], 3).unwrap();
+    let msg = too_large(s.unpack_with(&zst, Compression::Zstd, &diff_id(&big), &limit));
+    assert!(msg.contains("entry \"zeros\" declares 9437184 bytes"), "{msg}");
+
+    // Many small files count together.
+    let mut l = Layer::new();
+    let chunk = vec![1u8; 1 << 20];
+    let names: Vec<String> = (0..9).map(|i| format!("f{i}")).collect();
+    for n in &names {
+        l.add(E { data: &chunk, ..e(n, T::Regular) });
+    }
+    let many = l.finish();
+    too_large(s.unpack_with(&many, Compression::None, &diff_id(&many), &limit));
+}
+
+/// A name longer than any file system accepts fails cleanly, and the message stays readable.
+#[test]
+fn hostile_overlong_name_is_elided_in_errors() {
+    let s = Scratch::new();
+    let name = vec!["n".repeat(250); 400].join("/");
+    let tar = Layer::new().pax(&[("path", name.as_bytes())]).add(E { data: b"x", ..e("short", T::Regular) }).finish();
+    let msg = unpack_error(s.unpack_tar(&tar));
+    assert!(msg.len() < 2048 && msg.contains("bytes…]") && msg.contains("File name too long"), "{msg}");
+}
+
+/// The limit is exact and configurable; the default is documented.
+#[test]
+fn quota_is_exact_and_configurable() {
+    assert_eq!(UnpackOptions::default().max_unpacked_bytes, 32 << 30);
+    let tar = simple_tar();
+    let len = tar.len() as u64;
+    let s = Scratch::new();
+    let msg = too_large(s.unpack_with(
+        &tar,
+        Compression::None,
+        &diff_id(&tar),
+        &UnpackOptions { max_unpacked_bytes: len - 1 },
+    ));
+    assert!(msg.contains(&format!("limit of {} bytes", len - 1)), "{msg}");
+    s.unpack_with(&tar, Compression::None, &diff_id(&tar), &UnpackOptions { max_unpacked_bytes: len }).unwrap();
+}
+
+/// A GNU sparse header: `blocks` are (offset, data) in the file of `real_size` bytes. More than
+/// four blocks go into extension headers, as GNU tar writes them.
+fn sparse_entry(l: &mut Layer, path: &str, real_size: u64, blocks: &[(u64, &[u8])]) {
+    let stored: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+    let mut h = raw_header(tar::Header::new_gnu(), path, T::GNUSparse, stored);
+    h.set_mode(0o640);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.set_real_size(real_size);
+    let mut data = Vec::new();
+    let (first, rest) = blocks.split_at(blocks.len().min(4));
+    for (slot, (off, d)) in gnu.sparse.iter_mut().zip(first) {
+        slot.set_offset(*off);
+        slot.set_length(d.len() as u64);
+    }
+    gnu.isextended[0] = u8::from(!rest.is_empty());
+    for (i, group) in rest.chunks(21).enumerate() {
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for (slot, (off, d)) in ext.sparse.iter_mut().zip(group) {
+            slot.set_offset(*off);
+            slot.set_length(d.len() as u64);
+        }
+        ext.isextended[0] = u8::from((i + 1) * 21 < rest.len());
+        data.extend_from_slice(ext.as_bytes());
+    }
+    for (_, d) in blocks {
+        assert_eq!(d.len() % 512, 0, "sparse blocks are whole 512-byte blocks in the archive");
+        data.extend_from_slice(d);
+    }
+    h.set_cksum();
+    l.raw(&h, &data);
+}
+
+/// A sparse file declaring a petabyte: counted at its full size, refused before writing.
+#[test]
+fn hostile_sparse_file_bomb() {
+    let s = Scratch::new();
+    let block = [7u8; 512];
+    let mut l = Layer::new();
+    sparse_entry(&mut l, "bomb", 1 << 50, &[(0, &block), ((1 << 50) - 512, &block)]);
+    let msg = too_large(s.unpack_tar(&l.finish()));
+    assert!(msg.contains("entry \"bomb\" declares 1125899906842624 bytes"), "{msg}");
+}
+
+// ---- Faithfulness: what the layer says is what the container sees.
+
+#[test]
+fn faithful_setuid_setgid_sticky() {
+    let s = Scratch::new();
+    let tar = Layer::new()
+        .add(E { mode: 0o4755, uid: 1000, gid: 1000, ..e("setuid", T::Regular) })
+        .add(E { mode: 0o2711, uid: 1000, gid: 1001, ..e("setgid", T::Regular) })
+        .add(E { mode: 0o7777, uid: 1234, gid: 5678, ..e("all-bits", T::Regular) })
+        .add(E { mode: 0o1777, ..e("tmp/", T::Directory) })
+        .add(E { mode: 0o2775, uid: 1000, gid: 1000, ..e("shared/", T::Directory) })
+        .add(E { mode: 0o3770, uid: 33, gid: 33, ..e("sticky-setgid/", T::Directory) })
+        .add(E { data: b"child", ..e("shared/child", T::Regular) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    for (p, mode, uid, gid) in [
+        ("setuid", 0o4755, 1000, 1000),
+        ("setgid", 0o2711, 1000, 1001),
+        ("all-bits", 0o7777, 1234, 5678),
+        ("tmp", 0o1777, 0, 0),
+        ("shared", 0o2775, 1000, 1000),
+        ("sticky-setgid", 0o3770, 33, 33),
+        ("shared/child", 0o644, 0, 0),
+    ] {
+        let m = fs::symlink_metadata(root.join(p)).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (mode, uid, gid), "{p}");
+    }
+}
+
+#[test]
+fn faithful_mtime() {
+    let s = Scratch::new();
+    let tar = Layer::new()
+        .add(E { mtime: 1_000_000_001, ..e("a/", T::Directory) })
+        .add(E { mtime: 1_000_000_002, ..e("a/b/", T::Directory) })
+        .add(E { data: b"x", mtime: 1_000_000_003, ..e("a/b/file", T::Regular) })
+        .pax(&[("mtime", b"1234567890.123456789")])
+        .add(E { data: b"x", ..e("a/precise", T::Regular) })
+        .pax(&[("mtime", b"-1.25")])
+        .add(E { data: b"x", ..e("a/before-epoch", T::Regular) })
+        .add(E { link: Some("file"), mtime: 1_000_000_004, ..e("a/b/link", T::Symlink) })
+        .add(E { mtime: 1_000_000_005, ..e("a/fifo", T::Fifo) })
+        .add(E { mtime: 1_000_000_006, ..e("a/b/later/", T::Directory) })
+        .add(E { data: b"y", mtime: 1_000_000_007, ..e("a/b/later/f", T::Regular) })
+        .add(E { mtime: 1_000_000_008, ..e("./", T::Directory) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let t = |p: &str| {
+        let m = fs::symlink_metadata(root.join(p)).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    assert_eq!(t("a"), (1_000_000_001, 0), "directories get their time after their children");
+    assert_eq!(t("a/b"), (1_000_000_002, 0));
+    assert_eq!(t("a/b/file"), (1_000_000_003, 0));
+    assert_eq!(t("a/precise"), (1_234_567_890, 123_456_789), "PAX sub-second mtime");
+    assert_eq!(t("a/before-epoch"), (-2, 750_000_000), "-1.25 s");
+    assert_eq!(t("a/b/link"), (1_000_000_004, 0), "the symlink's own time");
+    assert_eq!(t("a/fifo"), (1_000_000_005, 0));
+    assert_eq!(t("a/b/later"), (1_000_000_006, 0));
+    assert_eq!(t("a/b/later/f"), (1_000_000_007, 0));
+    assert_eq!(t(""), (1_000_000_008, 0), "the layer root's own entry");
+}
+
+#[test]
+fn parse_pax_times() {
+    let t = |secs, nanos| Some(Mtime { secs, nanos });
+    assert_eq!(parse_pax_time("1234567890"), t(1_234_567_890, 0));
+    assert_eq!(parse_pax_time("1234567890.5"), t(1_234_567_890, 500_000_000));
+    assert_eq!(parse_pax_time("1.1234567899"), t(1, 123_456_789), "beyond nanoseconds is dropped");
+    assert_eq!(parse_pax_time("-1.25"), t(-2, 750_000_000));
+    assert_eq!(parse_pax_time("-0.5"), t(-1, 500_000_000));
+    assert_eq!(parse_pax_time("-3"), t(-3, 0));
+    assert_eq!(parse_pax_time("1.2x"), None);
+    assert_eq!(parse_pax_time("soon"), None);
+}
+
+/// A `security.capability` xattr survives the chown (which clears it: xattrs go last) and sits
+/// beside other namespaces' xattrs, on files, directories and symlinks.
+#[test]
+fn faithful_security_capability_xattr() {
+    // VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE, permitted = CAP_NET_BIND_SERVICE (bit 10).
+    let mut cap = Vec::new();
+    for word in [0x0200_0001u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&word.to_le_bytes());
+    }
+    let s = Scratch::new();
+    let tar = Layer::new()
+        .pax(&[
+            ("SCHILY.xattr.security.capability", &cap),
+            ("SCHILY.xattr.user.mime_type", b"application/x-executable"),
+            ("SCHILY.xattr.trusted.note", b"\x00binary\xff"),
+        ])
+        .add(E { data: b"\x7fELF", mode: 0o4755, uid: 1000, gid: 1000, ..e("bin/ping", T::Regular) })
+        .add(E { link: Some("bin/ping"), ..e("bin/ping-hard", T::Link) })
+        .pax(&[("SCHILY.xattr.user.dir", b"d")])
+        .add(E { uid: 1000, ..e("data/", T::Directory) })
+        .pax(&[("SCHILY.xattr.trusted.link", b"l")])
+        .add(E { link: Some("ping"), uid: 1000, ..e("bin/alias", T::Symlink) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let ping = root.join("bin/ping");
+    assert_eq!(get_xattr(&ping, "security.capability"), Some(cap));
+    assert_eq!(get_xattr(&ping, "user.mime_type").as_deref(), Some(&b"application/x-executable"[..]));
+    assert_eq!(get_xattr(&ping, "trusted.note").as_deref(), Some(&b"\x00binary\xff"[..]));
+    let m = fs::symlink_metadata(&ping).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.nlink()), (0o4755, 1000, 2));
+    assert_eq!(get_xattr(&root.join("data"), "user.dir").as_deref(), Some(&b"d"[..]));
+    assert_eq!(get_xattr(&root.join("bin/alias"), "trusted.link").as_deref(), Some(&b"l"[..]));
+}
+
+/// Hardlinks share one inode (content, owner, mode, xattrs), across directories and through a
+/// link to a link.
+#[test]
+fn faithful_hardlinks() {
+    let s = Scratch::new();
+    let tar = Layer::new()
+        .pax(&[("SCHILY.xattr.user.k", b"v")])
+        .add(E { data: b"shared", mode: 0o750, uid: 5, ..e("a/orig", T::Regular) })
+        .add(E { link: Some("a/orig"), ..e("b/one", T::Link) })
+        .add(E { link: Some("./b/one"), ..e("two", T::Link) })
+        .add(E { link: Some("/a/orig"), ..e("a/three", T::Link) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    let orig = fs::symlink_metadata(root.join("a/orig")).unwrap();
+    assert_eq!(orig.nlink(), 4);
+    for p in ["b/one", "two", "a/three"] {
+        let m = fs::symlink_metadata(root.join(p)).unwrap();
+        assert_eq!((m.ino(), m.mode() & 0o7777, m.uid()), (orig.ino(), 0o750, 5), "{p}");
+        assert_eq!(fs::read(root.join(p)).unwrap(), b"shared");
+        assert_eq!(get_xattr(&root.join(p), "user.k").as_deref(), Some(&b"v"[..]));
+    }
+}
+
+/// GNU sparse entries (with an extension header): the content is exact and the holes stay holes.
+#[test]
+fn faithful_sparse_file() {
+    let s = Scratch::new();
+    let real_size: u64 = 64 << 20;
+    let mk = |b: u8| vec![b; 4096];
+    let (b1, b2, b3, b4, b5, b6) = (mk(1), mk(2), mk(3), mk(4), mk(5), mk(6));
+    let blocks: Vec<(u64, &[u8])> = vec![
+        (0, &b1),
+        (8 << 20, &b2),
+        ((8 << 20) + 4096, &b3),
+        (20 << 20, &b4),
+        (40 << 20, &b5),
+        (real_size - 4096, &b6),
+    ];
+    let mut l = Layer::new();
+    sparse_entry(&mut l, "disk.img", real_size, &blocks);
+    // A sparse file whose data ends before its size: a trailing hole.
+    sparse_entry(&mut l, "tail-hole", 1 << 20, &[(0, &b1), (1 << 20, &[])]);
+    let root = s.unpack_tar(&l.finish()).unwrap();
+
+    let mut expected = vec![0u8; usize::try_from(real_size).unwrap()];
+    for (off, d) in &blocks {
+        let off = usize::try_from(*off).unwrap();
+        expected[off..off + d.len()].copy_from_slice(d);
+    }
+    let path = root.join("disk.img");
+    assert!(fs::read(&path).unwrap() == expected, "sparse content differs");
+    let m = fs::symlink_metadata(&path).unwrap();
+    assert_eq!((m.len(), m.mode() & 0o7777, m.mtime()), (real_size, 0o640, 1_600_000_000));
+    assert!(m.blocks() * 512 < 1 << 20, "holes preserved: {} bytes allocated for 24 KiB of data", m.blocks() * 512);
+
+    let tail = fs::symlink_metadata(root.join("tail-hole")).unwrap();
+    assert_eq!(tail.len(), 1 << 20);
+    assert!(tail.blocks() * 512 <= 64 * 1024, "{}", tail.blocks());
+    let content = fs::read(root.join("tail-hole")).unwrap();
+    assert!(content[..4096] == b1[..] && content[4096..].iter().all(|b| *b == 0));
 }
