@@ -70,11 +70,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Shim(a) => {
             // Until it reports, the shim's stderr is the daemon's: libcontainer's reasons for a
-            // failed start end up in the daemon log.
+            // failed start end up in the daemon log. Its seccomp module warns about every
+            // syscall of our profile that this libseccomp predates; those are skipped on purpose.
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG")
-                        .unwrap_or_else(|_| "warn,libcgroups=error".into()),
+                        .unwrap_or_else(|_| "warn,libcgroups=error,libcontainer::seccomp=error".into()),
                 )
                 .with_writer(std::io::stderr)
                 .with_ansi(false)

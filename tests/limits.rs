@@ -141,3 +141,55 @@ fn a_killed_shim_takes_its_whole_instance_down_and_it_is_replaced() {
         "the replacement never served"
     );
 }
+
+/// busybox httpd on $PORT in the background, the shell as PID 1 reacting to signals per `traps`.
+fn signal_image(registry: &Registry, repo_tag: &str, traps: &str, stop_signal: Option<&str>) -> String {
+    let script = format!(
+        "{traps}; mkdir -p /www; echo ok > /www/index.html; httpd -p \"$PORT\" -h /www; while :; do sleep 1; done"
+    );
+    let mut image = common::TestImage::new()
+        .layer(common::busybox_rootfs())
+        .env("PATH=/bin")
+        .cmd(&["sh", "-c", &script])
+        .expose(8080);
+    if let Some(signal) = stop_signal {
+        image = image.stop_signal(signal);
+    }
+    image.push(registry, repo_tag).reference
+}
+
+#[test]
+fn stop_sends_the_image_stop_signal_then_sigkill_after_the_app_grace_period() {
+    let registry = Registry::start();
+    // Exits on SIGINT (its StopSignal), ignores SIGTERM.
+    let polite = signal_image(&registry, "demo/polite:1", "trap 'exit 42' INT; trap '' TERM", Some("SIGINT"));
+    // Ignores everything but SIGKILL.
+    let stubborn = signal_image(&registry, "demo/stubborn:1", "trap '' TERM INT", None);
+    let daemon = Daemon::start(&registry);
+    daemon.cli_ok(&["app", "create", "polite", "--image", &polite, "--port", "8080", "--stop-timeout", "30"]);
+    daemon.cli_ok(&["app", "create", "stubborn", "--image", &stubborn, "--port", "8080", "--stop-timeout", "1"]);
+    daemon.cli_ok(&["app", "start", "polite"]);
+    daemon.cli_ok(&["app", "start", "stubborn"]);
+    let show = daemon.cli_json(&["app", "show", "stubborn", "--json"]);
+    assert_eq!(show["stop_timeout"], 1, "{show}");
+    let polite_id = instance_ids(&daemon, "polite").pop().expect("one instance");
+    let stubborn_id = instance_ids(&daemon, "stubborn").pop().expect("one instance");
+
+    // SIGINT ends it at once: nowhere near its 30 s grace period.
+    let started = std::time::Instant::now();
+    daemon.cli_ok(&["app", "stop", "polite"]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "stopping with the image's StopSignal took {took:?}");
+
+    // SIGTERM is ignored: SIGKILL comes after the app's 1 s, not the daemon's default 10 s.
+    let started = std::time::Instant::now();
+    daemon.cli_ok(&["app", "stop", "stubborn"]);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "stopped after {took:?}: the grace period was skipped");
+    assert!(took < Duration::from_secs(8), "stopping after a 1 s grace period took {took:?}");
+
+    for id in [polite_id, stubborn_id] {
+        let dir = daemon.cgroup_file(&id, "pids", "");
+        assert!(!dir.exists(), "{} survived the stop", dir.display());
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod network;
+pub mod seccomp;
 pub mod rootfs;
 pub mod shim;
 pub mod spec;

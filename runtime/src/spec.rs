@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
+use crate::seccomp;
+
 /// The default search path when neither the image nor the app sets `PATH`.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -26,6 +28,88 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+
+/// Every capability the kernel knows (as of Linux 6.x), for validating `cap_add`/`cap_drop`.
+pub const ALL_CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// `net_admin`, `NET_ADMIN` or `CAP_NET_ADMIN` → `CAP_NET_ADMIN`; `all` → `ALL`. Errors name
+/// the unknown capability.
+pub fn normalize_capability(name: &str) -> Result<String, String> {
+    let upper = name.trim().to_ascii_uppercase();
+    if upper == "ALL" {
+        return Ok(upper);
+    }
+    let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
+    if ALL_CAPABILITIES.contains(&full.as_str()) {
+        Ok(full)
+    } else {
+        Err(format!("unknown capability {name:?}: expected a name such as NET_ADMIN or SYS_PTRACE (see capabilities(7))"))
+    }
+}
+
+/// Docker's default set, minus `drop`, plus `add` (both normalised; `ALL` means every one).
+/// Adding wins over dropping, as with `docker run --cap-drop ALL --cap-add NET_BIND_SERVICE`.
+pub fn capabilities(add: &[String], drop: &[String]) -> Result<Vec<String>, String> {
+    let add: Vec<String> = add.iter().map(|c| normalize_capability(c)).collect::<Result<_, _>>()?;
+    let drop: Vec<String> = drop.iter().map(|c| normalize_capability(c)).collect::<Result<_, _>>()?;
+    let mut caps: Vec<String> = if drop.iter().any(|c| c == "ALL") {
+        Vec::new()
+    } else {
+        DEFAULT_CAPABILITIES.iter().filter(|c| !drop.iter().any(|d| d == *c)).map(|c| c.to_string()).collect()
+    };
+    if add.iter().any(|c| c == "ALL") {
+        caps = ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    } else {
+        for c in add {
+            if !caps.contains(&c) {
+                caps.push(c);
+            }
+        }
+    }
+    Ok(caps)
+}
 
 const MASKED_PATHS: [&str; 11] = [
     "/proc/asound",
@@ -78,6 +162,8 @@ pub struct InstanceSpec {
     pub resources: Resources,
     /// Host files bind-mounted over `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf`.
     pub etc_files: Vec<(PathBuf, &'static str)>,
+    /// Capabilities of the process (bounding, effective, permitted), e.g. from [`capabilities`].
+    pub capabilities: Vec<String>,
 }
 
 /// CPU period used with `--cpus`: 100 ms, as Docker does.
@@ -117,7 +203,7 @@ pub fn command_line(entrypoint: &[String], cmd: &[String]) -> Vec<String> {
 /// Renders the OCI runtime spec. Resource limits (rlimits) are inherited from the daemon, as
 /// with Docker: raising them needs CAP_SYS_RESOURCE, which a daemon may not have.
 pub fn render(spec: &InstanceSpec) -> Value {
-    let caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+    let caps = &spec.capabilities;
     let mut resources = json!({
         "devices": [{"allow": false, "access": "rwm"}],
         "pids": {"limit": spec.resources.pids.unwrap_or(4096)},
@@ -167,6 +253,7 @@ pub fn render(spec: &InstanceSpec) -> Value {
             ],
             "cgroupsPath": spec.cgroups_path,
             "resources": resources,
+            "seccomp": seccomp::profile(&spec.capabilities),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
@@ -193,6 +280,7 @@ mod tests {
             cgroups_path: "/deliverous/x".into(),
             resources: Resources { memory_bytes: Some(128 << 20), cpus: Some(0.5), pids: None },
             etc_files: vec![("/tmp/hosts".into(), "/etc/hosts")],
+            capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
         }
     }
 
@@ -234,5 +322,30 @@ mod tests {
         let mut s = sample();
         s.resources.cpus = Some(0.001);
         assert_eq!(render(&s)["linux"]["resources"]["cpu"]["quota"], 1000);
+    }
+
+    #[test]
+    fn capability_sets_start_from_docker_defaults() {
+        let caps = capabilities(&[], &[]).unwrap();
+        assert_eq!(caps, DEFAULT_CAPABILITIES.map(String::from).to_vec());
+        let caps = capabilities(&["net_admin".into()], &["CAP_NET_RAW".into(), "mknod".into()]).unwrap();
+        assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
+        assert!(!caps.contains(&"CAP_NET_RAW".to_string()) && !caps.contains(&"CAP_MKNOD".to_string()));
+        assert_eq!(caps.len(), 13);
+        let caps = capabilities(&["NET_BIND_SERVICE".into()], &["all".into()]).unwrap();
+        assert_eq!(caps, vec!["CAP_NET_BIND_SERVICE".to_string()]);
+        assert_eq!(capabilities(&["ALL".into()], &[]).unwrap().len(), ALL_CAPABILITIES.len());
+        let err = capabilities(&["CAP_FLY".into()], &[]).unwrap_err();
+        assert!(err.contains("CAP_FLY"), "{err}");
+    }
+
+    #[test]
+    fn the_spec_carries_the_capabilities_and_a_seccomp_filter() {
+        let mut s = sample();
+        s.capabilities = vec!["CAP_KILL".into()];
+        let v = render(&s);
+        assert_eq!(v["process"]["capabilities"]["effective"], json!(["CAP_KILL"]));
+        assert!(v["process"]["capabilities"].get("ambient").is_none());
+        assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
     }
 }

@@ -101,6 +101,12 @@ pub struct CreateApp {
     #[serde(default)]
     pub pids: Option<u32>,
     #[serde(default)]
+    pub stop_timeout: Option<u32>,
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
+    #[serde(default)]
     pub domains: Vec<String>,
     #[serde(default)]
     pub instances: Option<i64>,
@@ -118,6 +124,11 @@ pub struct ConfigPatch {
     pub memory: Option<Size>,
     pub cpus: Option<f64>,
     pub pids: Option<u32>,
+    pub stop_timeout: Option<u32>,
+    /// Replaces the list of added capabilities (`[]` clears it).
+    pub cap_add: Option<Vec<String>>,
+    /// Replaces the list of dropped capabilities (`[]` clears it).
+    pub cap_drop: Option<Vec<String>>,
     #[serde(default)]
     pub add_domains: Vec<String>,
     #[serde(default)]
@@ -154,6 +165,9 @@ pub struct AppView {
     pub memory: Option<String>,
     pub cpus: Option<f64>,
     pub pids: u32,
+    pub stop_timeout: Option<u32>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
     pub domains: Vec<String>,
     pub hosts: Vec<String>,
     pub instances_desired: u32,
@@ -183,6 +197,9 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         memory: app.spec.memory.map(format_bytes),
         cpus: app.spec.cpus,
         pids: app.spec.pids.unwrap_or(apps::DEFAULT_PIDS),
+        stop_timeout: app.spec.stop_timeout,
+        cap_add: app.spec.cap_add.clone(),
+        cap_drop: app.spec.cap_drop.clone(),
         domains: app.spec.domains.clone(),
         hosts: sup.hosts_of(app),
         instances_desired: app.instances,
@@ -192,6 +209,18 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         created_at: app.created_at.clone(),
         updated_at: app.updated_at.clone(),
     })
+}
+
+/// `net_admin` → `CAP_NET_ADMIN`, without duplicates; unknown names are a 400.
+fn normalize_caps(caps: Vec<String>) -> Result<Vec<String>, ApiError> {
+    let mut out: Vec<String> = Vec::new();
+    for c in caps {
+        let c = deliverous_runtime::spec::normalize_capability(&c).map_err(ApiError::bad_request)?;
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
 
 fn find(sup: &Supervisor, name: &str) -> Result<App, ApiError> {
@@ -239,6 +268,9 @@ async fn create_app(
         },
         cpus: req.cpus.filter(|c| *c != 0.0),
         pids: req.pids.filter(|p| *p != 0),
+        stop_timeout: req.stop_timeout,
+        cap_add: normalize_caps(req.cap_add)?,
+        cap_drop: normalize_caps(req.cap_drop)?,
         domains: req.domains,
     };
     spec.validate().map_err(ApiError::bad_request)?;
@@ -335,6 +367,15 @@ async fn config_app(
     }
     if let Some(p) = patch.pids {
         spec.pids = (p != 0).then_some(p);
+    }
+    if let Some(t) = patch.stop_timeout {
+        spec.stop_timeout = Some(t);
+    }
+    if let Some(caps) = patch.cap_add {
+        spec.cap_add = normalize_caps(caps)?;
+    }
+    if let Some(caps) = patch.cap_drop {
+        spec.cap_drop = normalize_caps(caps)?;
     }
     for d in patch.add_domains {
         let d = d.to_ascii_lowercase();

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PIDS: u32 = 4096;
 /// Fewer than this and a shell or a runtime can hardly start.
 const MIN_PIDS: u32 = 8;
+/// An hour: longer than any sane shutdown, short enough that a typo does not wedge a deploy.
+const MAX_STOP_TIMEOUT: u32 = 3600;
 /// The kernel's own ceiling (`pid_max` cannot exceed 2^22).
 const MAX_PIDS: u32 = 1 << 22;
 
@@ -31,6 +33,15 @@ pub struct AppSpec {
     /// Most processes (and threads) an instance may have; `None` is the default, [`DEFAULT_PIDS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    /// Seconds between the stop signal and SIGKILL; `None` is the daemon's `--stop-timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<u32>,
+    /// Capabilities added to Docker's default set (`NET_ADMIN`, `CAP_SYS_PTRACE`, `ALL`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities removed from Docker's default set (`ALL` drops every one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
     /// Extra host names routed to the app, besides `<name>.<domain suffix>`.
     #[serde(default)]
     pub domains: Vec<String>,
@@ -134,6 +145,12 @@ impl AppSpec {
                 return Err(format!("invalid pids limit {p}: expected {MIN_PIDS} to {MAX_PIDS}"));
             }
         }
+        if let Some(t) = self.stop_timeout {
+            if t > MAX_STOP_TIMEOUT {
+                return Err(format!("invalid stop timeout {t}s: expected 0 to {MAX_STOP_TIMEOUT} seconds"));
+            }
+        }
+        deliverous_runtime::spec::capabilities(&self.cap_add, &self.cap_drop)?;
         for d in &self.domains {
             validate_domain(d)?;
         }
@@ -218,6 +235,9 @@ mod tests {
             memory: Some(128 << 20),
             cpus: Some(0.5),
             pids: None,
+            stop_timeout: None,
+            cap_add: vec![],
+            cap_drop: vec![],
             domains: vec!["example.com".into()],
         };
         assert!(s.validate().is_ok());

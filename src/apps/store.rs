@@ -248,6 +248,9 @@ mod tests {
             memory: None,
             cpus: None,
             pids: None,
+            stop_timeout: None,
+            cap_add: vec![],
+            cap_drop: vec![],
             domains: vec![],
         }
     }

@@ -86,6 +86,15 @@ pub struct Settings {
     /// Most processes and threads per instance (default 4096; 0 restores the default).
     #[arg(long)]
     pids: Option<u32>,
+    /// Seconds between the stop signal and SIGKILL (default: the daemon's --stop-timeout, 10).
+    #[arg(long = "stop-timeout", value_name = "SECONDS")]
+    stop_timeout: Option<u32>,
+    /// Capability to add to the default set, e.g. NET_ADMIN (repeatable; "none" clears the list).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Capability to drop from the default set, e.g. NET_RAW or ALL (repeatable; "none" clears).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    cap_drop: Vec<String>,
     /// Extra host name routed to the app (repeatable).
     #[arg(long = "domain", value_name = "DOMAIN")]
     domains: Vec<String>,
@@ -142,7 +151,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                 Err(m) => return usage(m),
             };
             let mut body = json!({"name": name, "image": image, "port": port, "env": env, "domains": settings.domains});
-            if let Some(m) = settings.memory {
+            if let Some(m) = &settings.memory {
                 body["memory"] = json!(m);
             }
             if let Some(c) = settings.cpus {
@@ -151,6 +160,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             if let Some(p) = settings.pids {
                 body["pids"] = json!(p);
             }
+            add_settings(&mut body, &settings);
             if let Some(n) = instances {
                 body["instances"] = json!(n);
             }
@@ -178,7 +188,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             if let Some(p) = port {
                 body["port"] = json!(p);
             }
-            if let Some(m) = settings.memory {
+            if let Some(m) = &settings.memory {
                 body["memory"] = json!(m);
             }
             if let Some(c) = settings.cpus {
@@ -187,6 +197,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             if let Some(p) = settings.pids {
                 body["pids"] = json!(p);
             }
+            add_settings(&mut body, &settings);
             call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| summary(&app))
         }
         AppCommand::Start { name } => {
@@ -315,6 +326,27 @@ fn summary(app: &Value) {
     );
 }
 
+/// `--stop-timeout`, `--cap-add`/`--cap-drop` into the request body; `none` sends an empty
+/// capability list (clears it).
+fn add_settings(body: &mut Value, settings: &Settings) {
+    if let Some(t) = settings.stop_timeout {
+        body["stop_timeout"] = json!(t);
+    }
+    for (key, given) in [("cap_add", &settings.cap_add), ("cap_drop", &settings.cap_drop)] {
+        if !given.is_empty() {
+            let caps: Vec<&String> = given.iter().filter(|c| !c.eq_ignore_ascii_case("none")).collect();
+            body[key] = json!(caps);
+        }
+    }
+}
+
+fn list(v: &Value) -> String {
+    match v.as_array() {
+        Some(a) if !a.is_empty() => a.iter().map(s).collect::<Vec<_>>().join(", "),
+        _ => "-".into(),
+    }
+}
+
 fn show(app: &Value) {
     let env = app["env"]
         .as_object()
@@ -329,6 +361,9 @@ fn show(app: &Value) {
         ("memory", s(&app["memory"])),
         ("cpus", s(&app["cpus"])),
         ("pids", s(&app["pids"])),
+        ("stop_timeout", app["stop_timeout"].as_u64().map_or("default".to_string(), |t| format!("{t}s"))),
+        ("cap_add", list(&app["cap_add"])),
+        ("cap_drop", list(&app["cap_drop"])),
         ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ("instances", s(&app["instances_desired"])),
         (

@@ -96,6 +96,7 @@ impl Supervisor {
                 pid: Some(pid),
                 stop_requested: false,
                 stop_signal,
+                stop_grace: self.settings.grace(&rev.spec),
                 done: done_rx,
             },
         );
@@ -156,6 +157,8 @@ impl Supervisor {
                 pids: Some(i64::from(rev.spec.pids.unwrap_or(apps::DEFAULT_PIDS))),
             },
             etc_files,
+            capabilities: spec::capabilities(&rev.spec.cap_add, &rev.spec.cap_drop)
+                .map_err(|e| format!("app capabilities: {e}"))?,
         };
         let config = serde_json::to_vec_pretty(&spec::render(&instance)).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("config.json"), config).map_err(|e| format!("config.json: {e}"))?;
@@ -296,15 +299,14 @@ impl Supervisor {
     /// Stops an instance (its stop signal, then SIGKILL after the grace period) and waits until
     /// everything it used is gone.
     pub(super) async fn stop_instance(self: &Arc<Self>, uid: &str) {
-        let (mut done, signal) = {
+        let (mut done, signal, grace) = {
             let mut live = lock(&self.live);
             let Some(l) = live.get_mut(uid) else { return };
             l.stop_requested = true;
             l.state = State::Stopping;
-            (l.done.clone(), l.stop_signal)
+            (l.done.clone(), l.stop_signal, l.stop_grace)
         };
         self.publish_routes();
-        let grace = self.settings.stop_timeout;
         let socket = self.settings.shim_socket(uid);
         let req = Request::Stop { signal, timeout_ms: grace.as_millis() as u64 };
         if let Err(e) = send_request(&socket, &req, None).await {
@@ -407,6 +409,7 @@ impl Supervisor {
                             pid,
                             stop_requested: false,
                             stop_signal,
+                            stop_grace: self.settings.grace(&rev.spec),
                             done: done_rx,
                         },
                     );

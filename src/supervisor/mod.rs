@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::apps::store::{InstanceRow, Store, StoreError};
-use crate::apps::{App, Revision};
+use crate::apps::{App, AppSpec, Revision};
 use crate::proxy::{Route, RouteTable};
 
 /// Where everything the daemon creates lives, and the names of its kernel objects.
@@ -35,6 +35,10 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// An app's stop grace period: its own, or the daemon's default.
+    pub fn grace(&self, spec: &AppSpec) -> Duration {
+        spec.stop_timeout.map_or(self.stop_timeout, |t| Duration::from_secs(u64::from(t)))
+    }
     pub fn instance_dir(&self, uid: &str) -> PathBuf {
         self.data_dir.join("instances").join(uid)
     }
@@ -98,6 +102,8 @@ struct Live {
     pid: Option<i32>,
     stop_requested: bool,
     stop_signal: i32,
+    /// How long the stop signal has before SIGKILL.
+    stop_grace: Duration,
     done: watch::Receiver<bool>,
 }
 

@@ -152,6 +152,8 @@ pub struct TestImage {
     entrypoint: Option<Vec<String>>,
     working_dir: Option<String>,
     exposed_ports: Vec<u16>,
+    user: Option<String>,
+    stop_signal: Option<String>,
 }
 
 impl Default for TestImage {
@@ -169,6 +171,8 @@ impl TestImage {
             entrypoint: None,
             working_dir: None,
             exposed_ports: Vec::new(),
+            user: None,
+            stop_signal: None,
         }
     }
 
@@ -196,6 +200,18 @@ impl TestImage {
 
     pub fn working_dir(mut self, dir: &str) -> TestImage {
         self.working_dir = Some(dir.to_string());
+        self
+    }
+
+    /// The config's `User` (`1000`, `nobody`, `1000:1000`).
+    pub fn user(mut self, user: &str) -> TestImage {
+        self.user = Some(user.to_string());
+        self
+    }
+
+    /// The config's `StopSignal` (`SIGINT`, `SIGQUIT`, `3`).
+    pub fn stop_signal(mut self, signal: &str) -> TestImage {
+        self.stop_signal = Some(signal.to_string());
         self
     }
 
@@ -239,6 +255,12 @@ impl TestImage {
         }
         if let Some(dir) = &self.working_dir {
             config.insert("WorkingDir".into(), json!(dir));
+        }
+        if let Some(user) = &self.user {
+            config.insert("User".into(), json!(user));
+        }
+        if let Some(signal) = &self.stop_signal {
+            config.insert("StopSignal".into(), json!(signal));
         }
         if !self.exposed_ports.is_empty() {
             let ports: serde_json::Map<String, serde_json::Value> =
@@ -337,8 +359,14 @@ pub fn push_busybox_httpd(registry: &Registry, repo_tag: &str) -> PushedImage {
 }
 
 /// Pushes the testapp image: the busybox layer plus a layer with /app/testapp (see
-/// tests/testapp), Entrypoint `/app/testapp`. Routes: `/`, `/env/NAME`, `/hog?mb=N`, `/exit?code=N`.
+/// tests/testapp), Entrypoint `/app/testapp`. Routes: `/`, `/env/NAME`, `/hog?mb=N`, `/exit?code=N`,
+/// `/spawn`, `/bomb`, `/spin`, `/probe`.
 pub fn push_testapp(registry: &Registry, repo_tag: &str) -> PushedImage {
+    testapp_image().push(registry, repo_tag)
+}
+
+/// The testapp image before it is pushed, to adjust (`.user(..)`, `.stop_signal(..)`).
+pub fn testapp_image() -> TestImage {
     let binary = std::fs::read(testapp_binary()).expect("read testapp binary");
     TestImage::new()
         .layer(busybox_rootfs())
@@ -347,7 +375,6 @@ pub fn push_testapp(registry: &Registry, repo_tag: &str) -> PushedImage {
         .entrypoint(&["/app/testapp"])
         .working_dir("/app")
         .expose(8080)
-        .push(registry, repo_tag)
 }
 
 /// Pushes a three-layer image for layer semantics, served by busybox httpd from /www on `$PORT`:

@@ -5,7 +5,9 @@
 //! `GET /hog?mb=N` grows the process by N MiB (to get the instance OOM-killed) and
 //! `GET /exit?code=N` ends it with that code, `GET /spawn?n=N&secs=S` starts N `sleep S`
 //! children (stopping at the first failure, e.g. the pids limit), `GET /bomb` starts a shell
-//! fork bomb, `GET /spin?ms=N` burns CPU for N ms of wall time and answers the CPU time it got.
+//! fork bomb, `GET /spin?ms=N` burns CPU for N ms of wall time and answers the CPU time it got,
+//! `GET /probe` reports what the instance may do to the kernel (capabilities, seccomp, masked
+//! and read-only paths, devices), one `key=value` per line.
 //! One thread per connection, `Connection: close`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -15,7 +17,17 @@ use std::time::Duration;
 extern "C" {
     fn signal(signum: i32, handler: usize) -> usize;
     fn _exit(code: i32) -> !;
+    fn syscall(num: i64, ...) -> i64;
+    fn mount(source: *const u8, target: *const u8, fstype: *const u8, flags: u64, data: *const u8) -> i32;
+    fn mknod(path: *const u8, mode: u32, dev: u64) -> i32;
+    fn unshare(flags: i32) -> i32;
 }
+
+#[cfg(target_arch = "x86_64")]
+const SYS_KEYCTL: i64 = 250;
+#[cfg(target_arch = "aarch64")]
+const SYS_KEYCTL: i64 = 219;
+const SYS_CLONE3: i64 = 435;
 
 const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
@@ -114,6 +126,7 @@ fn route(method: &str, path: &str, query: &str) -> (u16, String, Option<i32>) {
             Ok(_) => (200, "fork bomb started\n".into(), None),
             Err(e) => (500, format!("cannot start the fork bomb: {e}\n"), None),
         },
+        "/probe" => (200, probe(), None),
         "/spin" => match param(query, "ms").and_then(|v| v.parse::<u64>().ok()) {
             Some(ms) => (200, spin(ms), None),
             None => (400, "usage: /spin?ms=N\n".into(), None),
@@ -172,6 +185,95 @@ fn thread_cpu_ms() -> u64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     (ticks(11) + ticks(12)) * 10
+}
+
+/// Tries what a locked-down instance must not be able to do; reports each outcome as an errno
+/// name (`ok` if it worked).
+fn probe() -> String {
+    let mut out = String::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"] {
+        let value = status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).unwrap_or("?").trim();
+        out.push_str(&format!("{key}={value}\n"));
+    }
+    let _ = std::fs::create_dir_all("/tmp/probe-mnt");
+    // SAFETY: NUL-terminated literals; the kernel copies them.
+    let rc =
+        unsafe { mount(b"tmpfs\0".as_ptr(), b"/tmp/probe-mnt\0".as_ptr(), b"tmpfs\0".as_ptr(), 0, std::ptr::null()) };
+    out.push_str(&format!("mount={}\n", outcome(rc as i64)));
+    // SAFETY: unshare(2) takes no pointers.
+    out.push_str(&format!("unshare_user={}\n", outcome(unsafe { unshare(0x1000_0000) } as i64)));
+    // SAFETY: keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0): integers only.
+    out.push_str(&format!("keyctl={}\n", outcome(unsafe { syscall(SYS_KEYCTL, 0i64, -3i64, 0i64) })));
+    // SAFETY: clone3(NULL, 0) fails before touching memory (EINVAL unfiltered).
+    out.push_str(&format!("clone3={}\n", outcome(unsafe { syscall(SYS_CLONE3, 0i64, 0i64) })));
+    let firmware = std::fs::read_dir("/sys/firmware").map(|d| d.count().to_string());
+    out.push_str(&format!(
+        "ls:/sys/firmware={}\n",
+        firmware.unwrap_or_else(|e| errno_name(e.raw_os_error().unwrap_or(0)).into())
+    ));
+    for path in ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"] {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b.len().to_string(),
+            Err(e) => errno_name(e.raw_os_error().unwrap_or(0)).to_string(),
+        };
+        out.push_str(&format!("read:{path}={bytes}\n"));
+    }
+    for path in ["/proc/sys/kernel/domainname", "/proc/sysrq-trigger", "/sys/class/net/lo/mtu"] {
+        let result = std::fs::OpenOptions::new().write(true).open(path).map(|_| 0);
+        out.push_str(&format!("write:{path}={}\n", io_outcome(result)));
+    }
+    let mut dev: Vec<String> = std::fs::read_dir("/dev")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    dev.sort();
+    out.push_str(&format!("dev={}\n", dev.join(",")));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let shm = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/dev/shm"))
+        .and_then(|l| {
+            l.split(',')
+                .find_map(|o| o.strip_prefix("size="))
+                .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    out.push_str(&format!("shm_size={shm}\n"));
+    // A device node can be made (CAP_MKNOD) but not opened (device cgroup): /dev/mem here.
+    let _ = std::fs::remove_file("/tmp/probe-mem");
+    // SAFETY: NUL-terminated literal path.
+    let rc = unsafe { mknod(b"/tmp/probe-mem\0".as_ptr(), 0o020600, (1 << 8) | 1) };
+    out.push_str(&format!("mknod_mem={}\n", outcome(rc as i64)));
+    let opened = std::fs::File::open("/tmp/probe-mem").map(|_| 0);
+    out.push_str(&format!("open_mem={}\n", io_outcome(opened)));
+    out
+}
+
+fn outcome(rc: i64) -> &'static str {
+    if rc >= 0 {
+        "ok"
+    } else {
+        errno_name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+fn io_outcome(result: std::io::Result<i32>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => errno_name(e.raw_os_error().unwrap_or(0)),
+    }
+}
+
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        1 => "EPERM",
+        2 => "ENOENT",
+        13 => "EACCES",
+        22 => "EINVAL",
+        30 => "EROFS",
+        38 => "ENOSYS",
+        _ => "other",
+    }
 }
 
 fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
