@@ -36,10 +36,10 @@ pub enum Error {
         reason: String,
     },
 
-    /// The registry refused an anonymous pull.
+    /// The registry refused an anonymous pull: no credentials are stored for it.
     #[error(
-        "registry {registry} refused access to {reference}: {reason}; the image may be private or \
-         may not exist (only anonymous pulls are supported)"
+        "registry {registry} refused access to {reference}: {reason}; the image may not exist, or it is \
+         private and needs credentials: run `deliverous registry login {registry}`"
     )]
     Unauthorized {
         /// Normalised reference that was asked for.
@@ -47,6 +47,57 @@ pub enum Error {
         /// Registry host that refused.
         registry: String,
         /// What the registry said.
+        reason: String,
+    },
+
+    /// The registry refused the credentials stored for it, or the user they name may not pull this
+    /// image.
+    #[error(
+        "registry {registry} refused access to {reference} with the credentials of user {username:?} \
+         (from {file}): {reason}; check that this user may pull the image, or run \
+         `deliverous registry login {registry}` again if the password or token has changed"
+    )]
+    CredentialsRejected {
+        /// Normalised reference that was asked for.
+        reference: String,
+        /// Registry host that refused.
+        registry: String,
+        /// User name of the stored credentials.
+        username: String,
+        /// The file the credentials came from.
+        file: String,
+        /// What the registry said.
+        reason: String,
+    },
+
+    /// A login check: the registry (or its token service) refused this user name and secret.
+    #[error(
+        "registry {registry} refused the login of user {username:?}: {reason}; check the user name and the \
+         password or access token"
+    )]
+    LoginFailed {
+        /// Registry host that refused.
+        registry: String,
+        /// The user name that was tried.
+        username: String,
+        /// What the registry said.
+        reason: String,
+    },
+
+    /// Credentials given to store or check cannot be used as they are (empty, or a user name with
+    /// a colon, which HTTP basic authentication cannot carry).
+    #[error("invalid registry credentials: {reason}")]
+    InvalidCredentials {
+        /// What is wrong and what was expected.
+        reason: String,
+    },
+
+    /// A credentials file (ours or Docker's) exists but cannot be used; nothing in it was trusted.
+    #[error("credentials file {file}: {reason}; fix the file or remove it")]
+    CredentialsFile {
+        /// The file's path.
+        file: String,
+        /// What is wrong with it and what was expected.
         reason: String,
     },
 
@@ -127,6 +178,9 @@ impl Error {
             Error::InvalidReference { .. }
                 | Error::NotFound { .. }
                 | Error::Unauthorized { .. }
+                | Error::CredentialsRejected { .. }
+                | Error::LoginFailed { .. }
+                | Error::InvalidCredentials { .. }
                 | Error::NoMatchingPlatform { .. }
                 | Error::LayerTooLarge { .. }
         )

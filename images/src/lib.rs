@@ -8,14 +8,25 @@
 //! - `images/<sha256 of reference>.json`: one [`Image`] record per pulled reference.
 //!
 //! Every write is a temporary name plus a rename, so a crash or a concurrent pull never leaves
-//! something that looks complete but is not.
+//! something that looks complete but is not. While a blob is fetched, `blobs/sha256/.lock-<hex>`
+//! is locked (`flock`), so pulls in other processes sharing the data dir wait and find it done.
+//!
+//! Pulls use the registry credentials found by [`CredentialFiles`] (our `auth.json`, then
+//! Docker's `config.json`); [`store_credentials`] and [`check_login`] are what a `registry login`
+//! command needs.
 
+pub mod credentials;
 mod error;
+mod lock;
 mod reference;
 mod registry;
 mod store;
 pub mod unpack;
 
+pub use credentials::{
+    check_login, remove_credentials, store_credentials, Credential, CredentialFiles, LoginCheck, Secret,
+    DEFAULT_AUTH_FILE,
+};
 pub use error::Error;
 pub use reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};
 pub use store::{Image, ImageConfig, ImageStore, PullOptions};

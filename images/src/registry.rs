@@ -1,23 +1,20 @@
-//! Talking to registries through `oci-client`: which protocol a host gets, which manifest of an
-//! index fits this host, streaming blobs to disk with their digest checked, and turning the
+//! Talking to registries through `oci-client`: which protocol a host gets, which credentials a
+//! pull presents, which manifest of an index fits this host, streaming blobs, and turning the
 //! client's errors into ours.
 
 use std::io;
-use std::path::Path;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use oci_client::{Client, RegistryOperation};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWrite;
 
-use crate::error::IoContext;
-use crate::unpack::{digest_hex, sync_dir, unique_suffix};
+use crate::credentials::{self, Credential, Secret};
+use crate::unpack::Chunk;
 use crate::{Error, PullOptions, Reference};
 
 /// An image config is a few KiB; anything this large is not one.
@@ -89,168 +86,189 @@ pub(crate) fn select_platform(
     Err(entries.iter().map(describe).collect())
 }
 
-/// Fetches the image manifest for this host, resolving an index or manifest list. Returns the
-/// manifest and its digest (the platform manifest's, not the index's).
-pub(crate) async fn fetch_manifest(
-    client: &Client,
-    reference: &Reference,
-) -> Result<(OciImageManifest, String), Error> {
-    let oci_ref = reference.to_oci();
-    let (manifest, digest) =
-        client.pull_manifest(&oci_ref, &RegistryAuth::Anonymous).await.map_err(|e| map_error(e, reference))?;
-    let index = match manifest {
-        OciManifest::Image(m) => return Ok((m, digest)),
-        OciManifest::ImageIndex(index) => index,
-    };
-    let (arch, variant) = host_platform();
-    let chosen = select_platform(&index.manifests, arch, variant).map_err(|available| Error::NoMatchingPlatform {
-        reference: reference.to_string(),
-        wanted: match variant {
-            Some(v) => format!("linux/{arch}/{v}"),
-            None => format!("linux/{arch}"),
-        },
-        available,
-    })?;
-    let (manifest, digest) = client
-        .pull_manifest(&oci_ref.clone_with_digest(chosen.clone()), &RegistryAuth::Anonymous)
-        .await
-        .map_err(|e| map_error(e, reference))?;
-    match manifest {
-        OciManifest::Image(m) => Ok((m, digest)),
-        OciManifest::ImageIndex(_) => Err(Error::Registry {
-            registry: reference.registry().to_string(),
-            message: format!("index entry {chosen} of {reference} is itself an index; expected an image manifest"),
-        }),
-    }
+/// One pull's conversation with a registry: the client, the credentials it authenticates with
+/// (none: anonymous), and the wording of its errors.
+pub(crate) struct Session {
+    client: Client,
+    reference: Reference,
+    oci: oci_client::Reference,
+    auth: RegistryAuth,
+    credential: Option<Credential>,
 }
 
-/// Fetches the (small) image config blob into memory, digest checked.
-pub(crate) async fn fetch_config(
-    client: &Client,
-    reference: &Reference,
-    desc: &OciDescriptor,
-) -> Result<Vec<u8>, Error> {
-    if desc.size > MAX_CONFIG_SIZE {
-        return Err(Error::Registry {
-            registry: reference.registry().to_string(),
-            message: format!(
-                "config blob {} claims {} bytes; expected at most {MAX_CONFIG_SIZE}",
-                desc.digest, desc.size
-            ),
-        });
+impl Session {
+    /// Prepares a pull of `reference`. With credentials, authenticates at once, so a token service
+    /// that refuses them says so (`oci-client` would otherwise fall back to anonymous requests and
+    /// report a bare 401 later).
+    pub(crate) async fn open(
+        reference: &Reference,
+        opts: &PullOptions,
+        credential: Option<Credential>,
+    ) -> Result<Session, Error> {
+        let auth = match &credential {
+            None => RegistryAuth::Anonymous,
+            Some(c) => match &c.secret {
+                Secret::Password(p) => RegistryAuth::Basic(c.username.clone(), p.clone()),
+                Secret::IdentityToken(t) => {
+                    let plain_http = reference.is_plain_http(&opts.insecure_registries);
+                    match credentials::access_token(reference.registry(), reference.repository(), t, plain_http).await {
+                        Ok(token) => RegistryAuth::Bearer(token),
+                        Err(Error::Unauthorized { reason, .. }) => return Err(rejected(reference, c, reason)),
+                        Err(e) => return Err(e),
+                    }
+                }
+            },
+        };
+        let session = Session {
+            client: client(reference, opts),
+            reference: reference.clone(),
+            oci: reference.to_oci(),
+            auth,
+            credential,
+        };
+        if matches!(session.auth, RegistryAuth::Basic(..)) {
+            session
+                .client
+                .auth(&session.oci, &session.auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| session.map_error(e))?;
+        }
+        Ok(session)
     }
-    let mut buf = Vec::new();
-    client.pull_blob(&reference.to_oci(), desc, &mut buf).await.map_err(|e| map_error(e, reference))?;
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&buf)));
-    if actual != desc.digest {
-        return Err(Error::DigestMismatch {
-            what: format!("config blob of {reference}"),
-            expected: desc.digest.clone(),
-            actual,
-        });
-    }
-    Ok(buf)
-}
 
-/// Streams blob `desc` to `blobs_dir/<hex>`: temp file, sha256 checked while writing, fsync,
-/// rename. A failed or corrupt download leaves nothing behind.
-pub(crate) async fn fetch_blob(
-    client: &Client,
-    reference: &Reference,
-    desc: &OciDescriptor,
-    blobs_dir: &Path,
-) -> Result<(), Error> {
-    let hex = digest_hex(&desc.digest).ok_or_else(|| Error::Registry {
-        registry: reference.registry().to_string(),
-        message: format!("layer digest {:?} is not sha256:<64 hex>; only sha256 blobs are supported", desc.digest),
-    })?;
-    let target = blobs_dir.join(hex);
-    let tmp = blobs_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
-    let result = download(client, reference, desc, &tmp, &target).await;
-    if result.is_err() {
-        // Best effort: the download error is the one worth reporting.
-        let _ = tokio::fs::remove_file(&tmp).await;
+    /// `map_error`, naming the credentials when the registry refused them.
+    fn map_error(&self, e: OciDistributionError) -> Error {
+        match (map_error(e, &self.reference), &self.credential) {
+            (Error::Unauthorized { reason, .. }, Some(c)) => rejected(&self.reference, c, reason),
+            (other, _) => other,
+        }
     }
-    result?;
-    let dir = blobs_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || sync_dir(&dir))
-        .await
-        .map_err(|e| Error::io("syncing blob directory", io::Error::other(e)))?
-}
 
-async fn download(
-    client: &Client,
-    reference: &Reference,
-    desc: &OciDescriptor,
-    tmp: &Path,
-    target: &Path,
-) -> Result<(), Error> {
-    let file = tokio::fs::File::create(tmp).await.context(|| format!("creating {}", tmp.display()))?;
-    let mut out = HashingWriter {
-        file,
-        hasher: Sha256::new(),
-        written: 0,
-        limit: u64::try_from(desc.size).ok().filter(|s| *s > 0).unwrap_or(u64::MAX),
-    };
-    if let Err(e) = client.pull_blob(&reference.to_oci(), desc, &mut out).await {
-        if out.written > out.limit {
+    /// Fetches the image manifest for this host, resolving an index or manifest list. Returns the
+    /// manifest and its digest (the platform manifest's, not the index's).
+    pub(crate) async fn manifest(&self) -> Result<(OciImageManifest, String), Error> {
+        let reference = &self.reference;
+        let (manifest, digest) =
+            self.client.pull_manifest(&self.oci, &self.auth).await.map_err(|e| self.map_error(e))?;
+        let index = match manifest {
+            OciManifest::Image(m) => return Ok((m, digest)),
+            OciManifest::ImageIndex(index) => index,
+        };
+        let (arch, variant) = host_platform();
+        let chosen =
+            select_platform(&index.manifests, arch, variant).map_err(|available| Error::NoMatchingPlatform {
+                reference: reference.to_string(),
+                wanted: match variant {
+                    Some(v) => format!("linux/{arch}/{v}"),
+                    None => format!("linux/{arch}"),
+                },
+                available,
+            })?;
+        let (manifest, digest) = self
+            .client
+            .pull_manifest(&self.oci.clone_with_digest(chosen.clone()), &self.auth)
+            .await
+            .map_err(|e| self.map_error(e))?;
+        match manifest {
+            OciManifest::Image(m) => Ok((m, digest)),
+            OciManifest::ImageIndex(_) => Err(Error::Registry {
+                registry: reference.registry().to_string(),
+                message: format!("index entry {chosen} of {reference} is itself an index; expected an image manifest"),
+            }),
+        }
+    }
+
+    /// Fetches the (small) image config blob into memory, digest checked.
+    pub(crate) async fn config(&self, desc: &OciDescriptor) -> Result<Vec<u8>, Error> {
+        let reference = &self.reference;
+        if desc.size > MAX_CONFIG_SIZE {
             return Err(Error::Registry {
                 registry: reference.registry().to_string(),
-                message: format!("blob {} is larger than the {} bytes its descriptor declares", desc.digest, desc.size),
+                message: format!(
+                    "config blob {} claims {} bytes; expected at most {MAX_CONFIG_SIZE}",
+                    desc.digest, desc.size
+                ),
             });
         }
-        return Err(map_error(e, reference));
-    }
-    // oci-client checked the digest too; ours also covers exactly the bytes that hit the disk.
-    let actual = format!("sha256:{}", hex::encode(out.hasher.finalize_reset()));
-    if actual != desc.digest {
-        return Err(Error::DigestMismatch {
-            what: format!("blob of {reference}"),
-            expected: desc.digest.clone(),
-            actual,
-        });
-    }
-    out.file.sync_all().await.context(|| format!("syncing {}", tmp.display()))?;
-    drop(out);
-    tokio::fs::rename(tmp, target).await.context(|| format!("moving {} to {}", tmp.display(), target.display()))
-}
-
-struct HashingWriter {
-    file: tokio::fs::File,
-    hasher: Sha256,
-    written: u64,
-    limit: u64,
-}
-
-impl AsyncWrite for HashingWriter {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.written.saturating_add(buf.len() as u64) > this.limit {
-            this.written = this.written.saturating_add(buf.len() as u64);
-            return Poll::Ready(Err(io::Error::other("blob is larger than its descriptor declares")));
+        let mut buf = Vec::new();
+        self.client.pull_blob(&self.oci, desc, &mut buf).await.map_err(|e| self.map_error(e))?;
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&buf)));
+        if actual != desc.digest {
+            return Err(Error::DigestMismatch {
+                what: format!("config blob of {reference}"),
+                expected: desc.digest.clone(),
+                actual,
+            });
         }
-        match Pin::new(&mut this.file).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.hasher.update(&buf[..n]);
-                this.written += n as u64;
-                Poll::Ready(Ok(n))
+        Ok(buf)
+    }
+
+    /// Streams blob `desc` into `sink` chunk by chunk, then sends [`Chunk::End`]. Refuses more
+    /// bytes than the descriptor declares. The digest is checked by whoever consumes the chunks
+    /// (and by `oci-client`, whose mismatch error ends the stream before `End`). Returns early,
+    /// without error, if the consumer went away: it has its own error to report.
+    pub(crate) async fn stream_blob(
+        &self,
+        desc: &OciDescriptor,
+        sink: tokio::sync::mpsc::Sender<Chunk>,
+    ) -> Result<(), Error> {
+        let registry = || self.reference.registry().to_string();
+        let mut stream = self.client.pull_blob_stream(&self.oci, desc).await.map_err(|e| self.map_error(e))?;
+        let limit = u64::try_from(desc.size).ok().filter(|s| *s > 0).unwrap_or(u64::MAX);
+        let mut received: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.map_stream_error(desc, e))?;
+            received = received.saturating_add(chunk.len() as u64);
+            if received > limit {
+                return Err(Error::Registry {
+                    registry: registry(),
+                    message: format!(
+                        "blob {} is larger than the {} bytes its descriptor declares",
+                        desc.digest, desc.size
+                    ),
+                });
             }
-            other => other,
+            if sink.send(Chunk::Data(chunk)).await.is_err() {
+                return Ok(());
+            }
         }
+        let _ = sink.send(Chunk::End).await;
+        Ok(())
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+    fn map_stream_error(&self, desc: &OciDescriptor, e: io::Error) -> Error {
+        let registry = self.reference.registry().to_string();
+        if let Some(oci_client::errors::DigestError::VerificationError { expected, actual }) =
+            e.get_ref().and_then(|inner| inner.downcast_ref::<oci_client::errors::DigestError>())
+        {
+            return Error::DigestMismatch {
+                what: format!("layer blob of {}", self.reference),
+                expected: expected.clone(),
+                actual: actual.clone(),
+            };
+        }
+        if let Some(re) = e.get_ref().and_then(|inner| inner.downcast_ref::<reqwest::Error>()) {
+            if re.is_connect() || re.is_timeout() {
+                return Error::Unreachable { registry, reason: chain(re) };
+            }
+        }
+        Error::Registry { registry, message: format!("downloading blob {}: {}", desc.digest, chain(&e)) }
     }
+}
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+fn rejected(reference: &Reference, credential: &Credential, reason: String) -> Error {
+    Error::CredentialsRejected {
+        reference: reference.to_string(),
+        registry: reference.registry().to_string(),
+        username: credential.username.clone(),
+        file: credential.file.display().to_string(),
+        reason,
     }
 }
 
 /// The error and all its causes, because reqwest's top-level message ("error sending request")
 /// hides the useful part ("Connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

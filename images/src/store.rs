@@ -5,16 +5,25 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use futures_util::StreamExt;
 use oci_spec::image::ImageConfiguration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::credentials::CredentialFiles;
 use crate::error::IoContext;
-use crate::registry;
-use crate::unpack::{self, digest_hex, sync_dir, unique_suffix, Compression, UnpackOptions};
+use crate::lock::FileLock;
+use crate::registry::Session;
+use crate::unpack::{self, digest_hex, sync_dir, unique_suffix, Compression, StreamedLayer, UnpackOptions};
 use crate::{Error, Reference};
+
+/// Layers downloaded (and unpacked) at the same time by one pull.
+const PARALLEL_LAYERS: usize = 4;
+
+/// Chunks (typically 8–16 KiB each) buffered between a download and its unpacker.
+const CHUNKS_IN_FLIGHT: usize = 64;
 
 /// How to reach registries during a pull.
 #[derive(Clone, Debug, Default)]
@@ -71,11 +80,37 @@ pub struct ImageStore {
     blobs: PathBuf,
     layers: PathBuf,
     images: PathBuf,
-    /// One async lock per layer diff_id, so concurrent pulls in this process download and unpack
-    /// a shared layer once. Across processes the temp + rename scheme keeps things correct.
-    layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One async lock per blob being fetched, so concurrent pulls in this process download and
+    /// unpack a shared layer once; [`BlobLock`] adds a file lock for other processes.
+    blob_locks: BlobLocks,
     /// Limits for every layer this store unpacks.
     unpack_options: UnpackOptions,
+    /// Where pulls find registry credentials.
+    credentials: CredentialFiles,
+}
+
+type BlobLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// Exclusive right to fetch one blob (and unpack its layer): in this process (an async mutex per
+/// digest) and across processes sharing the data dir (`flock` on `blobs/sha256/.lock-<hex>`).
+/// Whoever gets it second finds the work done.
+struct BlobLock {
+    file: Option<FileLock>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    locks: BlobLocks,
+    key: String,
+}
+
+impl Drop for BlobLock {
+    fn drop(&mut self) {
+        // Other processes first, then this one; forget the mutex if nobody else wants it.
+        drop(self.file.take());
+        drop(self.guard.take());
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        if locks.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+            locks.remove(&self.key);
+        }
+    }
 }
 
 impl ImageStore {
@@ -86,8 +121,9 @@ impl ImageStore {
             blobs: root.join("blobs").join("sha256"),
             layers: root.join("layers"),
             images: root.join("images"),
-            layer_locks: Mutex::new(HashMap::new()),
+            blob_locks: BlobLocks::default(),
             unpack_options: UnpackOptions::default(),
+            credentials: CredentialFiles::default(),
         };
         for dir in [&store.blobs, &store.layers, &store.images] {
             fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
@@ -106,14 +142,34 @@ impl ImageStore {
         self.unpack_options
     }
 
-    /// Pulls `reference` (anonymously) for this host's platform: manifest, config, every layer
-    /// not already unpacked; then records the image in the index and returns it.
+    /// Sets where pulls look for registry credentials (default: [`CredentialFiles::default`],
+    /// i.e. `/etc/deliverous/auth.json` then Docker's `config.json`).
+    pub fn with_credentials(mut self, credentials: CredentialFiles) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Where pulls look for registry credentials.
+    pub fn credentials(&self) -> &CredentialFiles {
+        &self.credentials
+    }
+
+    /// Pulls `reference` for this host's platform: manifest, config, every layer not already
+    /// unpacked (up to four at a time, each unpacked while it downloads); then records the image
+    /// in the index and returns it. Uses the credentials stored for the registry, if any (read at
+    /// each pull, so a new login needs no restart), and pulls anonymously otherwise.
     pub async fn pull(&self, reference: &Reference, opts: &PullOptions) -> Result<Image, Error> {
-        let client = registry::client(reference, opts);
-        let (manifest, digest) = registry::fetch_manifest(&client, reference).await?;
+        let credentials = self.credentials.clone();
+        let registry = reference.registry().to_string();
+        let credential = blocking(move || credentials.lookup(&registry)).await?;
+        if let Some(c) = &credential {
+            tracing::debug!(%reference, user = %c.username, file = %c.file.display(), "pulling with credentials");
+        }
+        let session = Session::open(reference, opts, credential).await?;
+        let (manifest, digest) = session.manifest().await?;
         tracing::debug!(%reference, %digest, layers = manifest.layers.len(), "pulled manifest");
 
-        let config_bytes = registry::fetch_config(&client, reference, &manifest.config).await?;
+        let config_bytes = session.config(&manifest.config).await?;
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| Error::Registry {
             registry: reference.registry().to_string(),
             message: format!("config blob {} of {reference} is not an image config: {e}", manifest.config.digest),
@@ -133,11 +189,23 @@ impl ImageStore {
             });
         }
 
-        let mut size: u64 = 0;
-        for (desc, diff_id) in manifest.layers.iter().zip(&diff_ids) {
-            size = size.saturating_add(u64::try_from(desc.size).unwrap_or(0));
-            self.ensure_layer(&client, reference, desc, diff_id).await?;
-        }
+        let size = manifest.layers.iter().map(|d| u64::try_from(d.size).unwrap_or(0)).fold(0, u64::saturating_add);
+        // Every layer runs to its end (or its error) before the first error is reported, so no
+        // half-done layer is still being cleaned up when the caller hears about it.
+        // The futures are made first: a stream that maps borrowed items would not be `Send`.
+        let layers: Vec<_> = manifest
+            .layers
+            .iter()
+            .zip(&diff_ids)
+            .map(|(desc, diff_id)| self.ensure_layer(&session, reference, desc, diff_id))
+            .collect();
+        let results: Vec<Result<(), Error>> =
+            futures_util::stream::iter(layers).buffered(PARALLEL_LAYERS).collect().await;
+        results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+        // Layers and blobs were renamed into place without syncing their directories (their
+        // contents were synced): make the names durable before the record that points to them.
+        let (layers, blobs) = (self.layers.clone(), self.blobs.clone());
+        blocking(move || sync_dir(&layers).and_then(|()| sync_dir(&blobs))).await?;
 
         let image = Image {
             reference: reference.to_string(),
@@ -153,10 +221,11 @@ impl ImageStore {
         Ok(image)
     }
 
-    /// Makes sure layer `diff_id` is unpacked, downloading its blob if needed.
+    /// Makes sure layer `diff_id` is unpacked: from its blob if it is already here, otherwise
+    /// downloading the blob and unpacking it in the same pass.
     async fn ensure_layer(
         &self,
-        client: &oci_client::Client,
+        session: &Session,
         reference: &Reference,
         desc: &oci_client::manifest::OciDescriptor,
         diff_id: &str,
@@ -169,15 +238,6 @@ impl ImageStore {
             layer: diff_id.to_string(),
             reason: format!("layer media type {:?} is not a tar, tar+gzip or tar+zstd layer", desc.media_type),
         })?;
-        let lock = {
-            let mut locks = self.layer_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            locks.entry(diff_id.to_string()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-
-        if self.layers.join(layer_hex).is_dir() {
-            return Ok(());
-        }
         let blob_hex = digest_hex(&desc.digest).ok_or_else(|| Error::Registry {
             registry: reference.registry().to_string(),
             message: format!(
@@ -185,16 +245,67 @@ impl ImageStore {
                 desc.digest
             ),
         })?;
-        let blob = self.blobs.join(blob_hex);
-        if !blob.is_file() {
-            tracing::info!(%reference, digest = %desc.digest, size = desc.size, "downloading layer");
-            registry::fetch_blob(client, reference, desc, &self.blobs).await?;
+        let layer_dir = self.layers.join(layer_hex);
+        if layer_dir.is_dir() {
+            return Ok(());
         }
+        let lock = self.lock_blob(blob_hex).await?;
+        if layer_dir.is_dir() {
+            return Ok(());
+        }
+        let blob = self.blobs.join(blob_hex);
         let layers = self.layers.clone();
-        let diff_id = diff_id.to_string();
         let options = self.unpack_options;
-        blocking(move || unpack::unpack_layer_with(&blob, compression, &diff_id, &layers, &options)).await?;
-        Ok(())
+        let diff_id = diff_id.to_string();
+        if blob.is_file() {
+            // A blob only ever has its final name complete and verified.
+            return blocking(move || {
+                let _lock = lock;
+                unpack::unpack_layer_unsynced(&blob, compression, &diff_id, &layers, &options).map(|_| ())
+            })
+            .await;
+        }
+
+        tracing::info!(%reference, digest = %desc.digest, size = desc.size, "downloading layer");
+        let (sink, chunks) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+        let blobs = self.blobs.clone();
+        let blob_digest = desc.digest.clone();
+        // The locks travel with the unpacker: if this pull is dropped mid-way, they are held
+        // until its thread has cleaned up.
+        let unpacker = tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            let layer = StreamedLayer {
+                blob_digest: &blob_digest,
+                blobs_dir: &blobs,
+                compression,
+                diff_id: &diff_id,
+                layers_dir: &layers,
+                options: &options,
+            };
+            unpack::unpack_streamed(chunks, &layer)
+        });
+        let downloaded = session.stream_blob(desc, sink).await;
+        let unpacked = unpacker.await.map_err(|e| Error::io("unpacking a layer: task failed", io::Error::other(e)))?;
+        // A failed download is the cause of whatever the unpacker then reports.
+        downloaded?;
+        unpacked.map(|_| ())
+    }
+
+    /// Waits for the exclusive right to fetch blob `hex` (see [`BlobLock`]).
+    async fn lock_blob(&self, hex: &str) -> Result<BlobLock, Error> {
+        let mutex = {
+            let mut locks = self.blob_locks.lock().unwrap_or_else(PoisonError::into_inner);
+            locks.entry(hex.to_string()).or_default().clone()
+        };
+        let mut lock = BlobLock {
+            file: None,
+            guard: Some(mutex.lock_owned().await),
+            locks: self.blob_locks.clone(),
+            key: hex.to_string(),
+        };
+        let path = self.blobs.join(format!(".lock-{hex}"));
+        lock.file = Some(blocking(move || FileLock::acquire(&path)).await?);
+        Ok(lock)
     }
 
     /// Writes an in-memory blob (the config) under its digest, if not already there.

@@ -17,7 +17,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{lchown, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -125,41 +125,240 @@ pub fn unpack_layer_with(
     layers_dir: &Path,
     options: &UnpackOptions,
 ) -> Result<PathBuf, Error> {
-    let unpack_err = |reason: String| Error::Unpack { layer: diff_id.to_string(), reason };
-    let hex = digest_hex(diff_id)
-        .ok_or_else(|| unpack_err("the diff_id is not \"sha256:\" followed by 64 lowercase hex digits".into()))?;
+    let target = unpack_layer_unsynced(blob, compression, diff_id, layers_dir, options)?;
+    sync_dir(layers_dir)?;
+    Ok(target)
+}
+
+/// [`unpack_layer_with`] without making the final rename durable: the layer's contents are on
+/// disk before its name appears, but a crash may lose the name (and the work). The image store
+/// syncs the layers directory once per pull instead of once per layer.
+pub(crate) fn unpack_layer_unsynced(
+    blob: &Path,
+    compression: Compression,
+    diff_id: &str,
+    layers_dir: &Path,
+    options: &UnpackOptions,
+) -> Result<PathBuf, Error> {
+    let hex = layer_hex(diff_id)?;
     let target = layers_dir.join(hex);
     if target.is_dir() {
         return Ok(target);
     }
     let tmp = layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
     fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
-
-    let result = unpack_into_with(blob, compression, diff_id, &tmp, options).and_then(|()| {
-        // One syncfs instead of an fsync per file: the rename below must not survive a crash
-        // that loses the files.
-        let dir = File::open(&tmp).context(|| format!("opening {}", tmp.display()))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
-            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e.into()))
-    });
+    let result = unpack_into_with(blob, compression, diff_id, &tmp, options).and_then(|()| syncfs(&tmp));
     if let Err(e) = result {
         remove_tree(&tmp);
         return Err(e);
     }
-    match fs::rename(&tmp, &target) {
-        Ok(()) => {
-            sync_dir(layers_dir)?;
-            Ok(target)
-        }
+    commit_layer(&tmp, &target)
+}
+
+fn layer_hex(diff_id: &str) -> Result<&str, Error> {
+    digest_hex(diff_id).ok_or_else(|| Error::Unpack {
+        layer: diff_id.to_string(),
+        reason: "the diff_id is not \"sha256:\" followed by 64 lowercase hex digits".into(),
+    })
+}
+
+/// One syncfs instead of an fsync per file: whatever is renamed into place afterwards must not
+/// survive a crash that loses its contents. It covers every file on `dir`'s file system.
+fn syncfs(dir: &Path) -> Result<(), Error> {
+    let d = File::open(dir).context(|| format!("opening {}", dir.display()))?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
+        .map_err(|e| Error::io(format!("syncing the file system of {}", dir.display()), e.into()))
+}
+
+/// Renames a finished layer directory into place (its contents already synced).
+fn commit_layer(tmp: &Path, target: &Path) -> Result<PathBuf, Error> {
+    match fs::rename(tmp, target) {
+        Ok(()) => Ok(target.to_path_buf()),
         // Another pull finished the same layer first: its copy is as good as ours.
         Err(_) if target.is_dir() => {
-            remove_tree(&tmp);
-            Ok(target)
+            remove_tree(tmp);
+            Ok(target.to_path_buf())
         }
         Err(e) => {
-            remove_tree(&tmp);
+            remove_tree(tmp);
             Err(Error::io(format!("moving {} to {}", tmp.display(), target.display()), e))
         }
+    }
+}
+
+/// A layer blob as it downloads: chunks of the compressed stream, then `End` once the whole blob
+/// was received (the downloader checked nothing more; the unpacker checks the digest).
+pub(crate) enum Chunk {
+    Data(bytes::Bytes),
+    End,
+}
+
+/// What [`unpack_streamed`] writes and checks.
+pub(crate) struct StreamedLayer<'a> {
+    /// `sha256:…` of the compressed blob, from the manifest.
+    pub(crate) blob_digest: &'a str,
+    /// Where the blob is kept: `blobs_dir/<hex>`.
+    pub(crate) blobs_dir: &'a Path,
+    pub(crate) compression: Compression,
+    pub(crate) diff_id: &'a str,
+    pub(crate) layers_dir: &'a Path,
+    pub(crate) options: &'a UnpackOptions,
+}
+
+/// Unpacks a layer while it downloads, in one pass: every chunk received is appended to the blob's
+/// temporary file and hashed, and fed to the decompressor and the unpacker. Runs on a blocking
+/// thread; `chunks` ends with [`Chunk::End`] when the download succeeded.
+///
+/// Only when the whole stream was received, hashed to the blob digest and unpacked to the
+/// diff_id are the blob and the layer renamed into place (after one syncfs, which covers both
+/// when they share a file system). On any error neither is kept.
+pub(crate) fn unpack_streamed(
+    chunks: tokio::sync::mpsc::Receiver<Chunk>,
+    layer: &StreamedLayer<'_>,
+) -> Result<PathBuf, Error> {
+    let hex = layer_hex(layer.diff_id)?;
+    let blob_hex = digest_hex(layer.blob_digest).ok_or_else(|| Error::Unpack {
+        layer: layer.diff_id.to_string(),
+        reason: format!("blob digest {:?} is not \"sha256:\" followed by 64 lowercase hex digits", layer.blob_digest),
+    })?;
+    let target = layer.layers_dir.join(hex);
+    let blob_target = layer.blobs_dir.join(blob_hex);
+    let tmp = layer.layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
+    let blob_tmp = layer.blobs_dir.join(format!(".tmp-{blob_hex}-{}", unique_suffix()));
+    fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
+    let staged = (|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&blob_tmp)
+            .context(|| format!("creating {}", blob_tmp.display()))?;
+        let mut input = ChunkReader {
+            chunks,
+            current: bytes::Bytes::new(),
+            ended: false,
+            blob: io::BufWriter::with_capacity(256 << 10, file),
+            blob_path: &blob_tmp,
+            layer: layer.diff_id,
+            hasher: Sha256::new(),
+            failure: None,
+        };
+        let what = format!("layer blob {}", layer.blob_digest);
+        let unpacked = unpack_stream(&mut input, layer.compression, layer.diff_id, &tmp, layer.options, &what);
+        // A failure to write the blob or a download that stopped is the cause of whatever the
+        // unpacker made of it.
+        if let Some(failure) = input.failure.take() {
+            return Err(failure);
+        }
+        unpacked?;
+        // The compressed stream may go on past what the decompressor needed: the digest covers it.
+        io::copy(&mut input, &mut io::sink()).map_err(|e| Error::Unpack {
+            layer: layer.diff_id.to_string(),
+            reason: format!("reading the end of the layer blob: {e}"),
+        })?;
+        if let Some(failure) = input.failure.take() {
+            return Err(failure);
+        }
+        let actual = format!("sha256:{}", hex::encode(input.hasher.finalize_reset()));
+        if actual != layer.blob_digest {
+            return Err(Error::DigestMismatch {
+                what: format!("layer blob of {}", layer.diff_id),
+                expected: layer.blob_digest.to_string(),
+                actual,
+            });
+        }
+        let file = input
+            .blob
+            .into_inner()
+            .map_err(|e| Error::io(format!("writing {}", blob_tmp.display()), e.into_error()))?;
+        if !same_file_system(&blob_tmp, &tmp)? {
+            file.sync_all().context(|| format!("syncing {}", blob_tmp.display()))?;
+        }
+        syncfs(&tmp)
+    })();
+    if let Err(e) = staged {
+        remove_tree(&tmp);
+        if let Err(e) = fs::remove_file(&blob_tmp) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(file = %blob_tmp.display(), error = %e, "cannot remove unfinished blob");
+            }
+        }
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(&blob_tmp, &blob_target) {
+        remove_tree(&tmp);
+        let _ = fs::remove_file(&blob_tmp);
+        return Err(Error::io(format!("moving {} to {}", blob_tmp.display(), blob_target.display()), e));
+    }
+    commit_layer(&tmp, &target)
+}
+
+fn same_file_system(a: &Path, b: &Path) -> Result<bool, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).context(|| format!("inspecting {}", p.display()));
+    Ok(dev(a)? == dev(b)?)
+}
+
+/// The compressed layer as the unpacker reads it, from the download's chunks. Each chunk is
+/// written to the blob file and hashed as it arrives.
+struct ChunkReader<'p> {
+    chunks: tokio::sync::mpsc::Receiver<Chunk>,
+    current: bytes::Bytes,
+    ended: bool,
+    blob: io::BufWriter<File>,
+    blob_path: &'p Path,
+    /// diff_id, for messages.
+    layer: &'p str,
+    hasher: Sha256,
+    /// Why the stream stopped early, kept to be reported instead of the unpacker's reading error.
+    failure: Option<Error>,
+}
+
+impl ChunkReader<'_> {
+    fn fail(&mut self, e: Error) -> io::Error {
+        let message = e.to_string();
+        self.failure.get_or_insert(e);
+        io::Error::other(message)
+    }
+}
+
+impl Read for ChunkReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl io::BufRead for ChunkReader<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.current.is_empty() && !self.ended {
+            match self.chunks.blocking_recv() {
+                Some(Chunk::Data(data)) => {
+                    if let Err(e) = self.blob.write_all(&data) {
+                        let e = Error::io(format!("writing {}", self.blob_path.display()), e);
+                        return Err(self.fail(e));
+                    }
+                    self.hasher.update(&data);
+                    self.current = data;
+                }
+                Some(Chunk::End) => self.ended = true,
+                None => {
+                    let e = Error::Unpack {
+                        layer: self.layer.to_string(),
+                        reason: "the download stopped before the end of the layer blob".into(),
+                    };
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        let _ = self.current.split_to(amt.min(self.current.len()));
     }
 }
 
@@ -191,13 +390,26 @@ pub fn unpack_into_with(
     options: &UnpackOptions,
 ) -> Result<(), Error> {
     let file = File::open(blob).context(|| format!("opening layer blob {}", blob.display()))?;
-    let file = BufReader::new(file);
-    let decompressed: Box<dyn Read> = match compression {
-        Compression::None => Box::new(file),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+    let mut input = BufReader::with_capacity(256 << 10, file);
+    unpack_stream(&mut input, compression, diff_id, root, options, &blob.display().to_string())
+}
+
+/// Decompresses `input` and extracts it into `root`, checking the uncompressed stream's sha256.
+/// Reads the decompressed stream to its end; `input` may have bytes left after the compressed
+/// data (the caller decides what they mean). `what` names the blob in messages.
+fn unpack_stream<R: BufRead>(
+    input: &mut R,
+    compression: Compression,
+    diff_id: &str,
+    root: &Path,
+    options: &UnpackOptions,
+    what: &str,
+) -> Result<(), Error> {
+    let decompressed: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(input),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
         Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(file)
-                .context(|| format!("starting zstd decoder for {}", blob.display()))?,
+            zstd::stream::read::Decoder::with_buffer(input).context(|| format!("starting zstd decoder for {what}"))?,
         ),
     };
     let meter = Meter::new(options.max_unpacked_bytes);
@@ -217,7 +429,7 @@ pub fn unpack_into_with(
     let actual = format!("sha256:{}", hex::encode(metered.hasher.finalize()));
     if actual != diff_id {
         return Err(Error::DigestMismatch {
-            what: format!("uncompressed layer {}", blob.display()),
+            what: format!("uncompressed layer {what}"),
             expected: diff_id.to_string(),
             actual,
         });
