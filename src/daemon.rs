@@ -48,6 +48,10 @@ pub struct DaemonArgs {
     /// Registry (HOST:PORT) reached over plain HTTP; loopback registries always are.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// Registry credentials (`deliverous registry login` writes them), read at every pull;
+    /// Docker's `~/.docker/config.json` is read after it.
+    #[arg(long, env = "DELIVEROUS_AUTH_FILE", default_value = deliverous_images::DEFAULT_AUTH_FILE)]
+    auth_file: PathBuf,
     /// Apps are served at <name>.<suffix>.
     #[arg(long, default_value = "localhost")]
     domain_suffix: String,
@@ -95,7 +99,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let api_socket = args.api_socket.clone().unwrap_or_else(|| args.run_dir.join("api.sock"));
 
     let store = Store::open(&args.data_dir.join("state.db")).context("cannot open the state database")?;
-    let images = Arc::new(ImageStore::open(&args.data_dir).context("cannot open the image store")?);
+    let credentials = deliverous_images::CredentialFiles::new(
+        std::iter::once(args.auth_file.clone()).chain(deliverous_images::credentials::docker_config_file()),
+    );
+    let images = Arc::new(
+        ImageStore::open(&args.data_dir).context("cannot open the image store")?.with_credentials(credentials),
+    );
     let net_config = NetworkConfig {
         bridge: args.bridge.clone(),
         subnet: args.subnet.parse().with_context(|| format!("invalid --subnet {:?}", args.subnet))?,

@@ -36,6 +36,9 @@ enum Command {
     /// Manage images: pull, ls.
     #[command(subcommand)]
     Image(cli::ImageCommand),
+    /// Registry credentials: login, logout.
+    #[command(subcommand)]
+    Registry(cli::RegistryCommand),
     /// Run the daemon (API, supervisor, proxy).
     Daemon(daemon::DaemonArgs),
     /// Run one instance's shim (started by the daemon).
@@ -96,6 +99,13 @@ fn main() -> ExitCode {
         Command::Daemon(args) => daemon::main(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
+        Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(cli::run_registry(cmd)),
+            Err(e) => {
+                eprintln!("error: cannot start: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

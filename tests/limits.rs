@@ -79,19 +79,39 @@ fn a_fork_bomb_stops_at_the_pids_limit_and_the_host_stays_responsive() {
 }
 
 #[test]
-fn a_cpu_hog_gets_its_quota_and_no_more() {
+fn a_cpu_hog_gets_its_quota_and_its_weight() {
     let registry = Registry::start();
     let image = common::push_testapp(&registry, "demo/testapp:1");
     let daemon = Daemon::start(&registry);
-    daemon.cli_ok(&["app", "create", "spin", "--image", &image.reference, "--port", "8080", "--cpus", "0.25"]);
+    daemon.cli_ok(&[
+        "app",
+        "create",
+        "spin",
+        "--image",
+        &image.reference,
+        "--port",
+        "8080",
+        "--cpus",
+        "0.25",
+        "--cpu-weight",
+        "500",
+    ]);
     daemon.cli_ok(&["app", "start", "spin"]);
     let id = instance_ids(&daemon, "spin").pop().expect("one instance");
-    let (file, expected) = if common::cgroup_v2() {
-        (daemon.cgroup_file(&id, "cpu", "cpu.max"), "25000 100000")
+    let expected = if common::cgroup_v2() {
+        [
+            (daemon.cgroup_file(&id, "cpu", "cpu.max"), "25000 100000"),
+            (daemon.cgroup_file(&id, "cpu", "cpu.weight"), "500"),
+        ]
     } else {
-        (daemon.cgroup_file(&id, "cpu", "cpu.cfs_quota_us"), "25000")
+        [
+            (daemon.cgroup_file(&id, "cpu", "cpu.cfs_quota_us"), "25000"),
+            (daemon.cgroup_file(&id, "cpu", "cpu.shares"), "5120"),
+        ]
     };
-    assert_eq!(std::fs::read_to_string(&file).unwrap_or_default().trim(), expected, "{}", file.display());
+    for (file, value) in expected {
+        assert_eq!(std::fs::read_to_string(&file).unwrap_or_default().trim(), value, "{}", file.display());
+    }
 
     // 3 s of busy loop under a quarter of a CPU: about 750 ms of CPU time, never the whole 3 s.
     let (status, body) = http_get(daemon.proxy_addr(), "spin.localhost", "/spin?ms=3000");

@@ -23,6 +23,12 @@ fn parse_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether the host runs the unified cgroup v2 hierarchy at /sys/fs/cgroup (not v1 or the v1
+/// hybrid, whose controllers are v1 even when a cgroup2 tree is mounted beside them).
+pub fn unified() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
 /// The directories of `cgroups_path` (e.g. `/deliverous/abc`) that exist in any hierarchy.
 pub fn dirs(cgroups_path: &str) -> Vec<PathBuf> {
     let rel = cgroups_path.trim_start_matches('/');

@@ -5,8 +5,8 @@
 
 pub mod cgroup;
 pub mod network;
-pub mod seccomp;
 pub mod rootfs;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod user;

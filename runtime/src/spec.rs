@@ -85,7 +85,9 @@ pub fn normalize_capability(name: &str) -> Result<String, String> {
     if ALL_CAPABILITIES.contains(&full.as_str()) {
         Ok(full)
     } else {
-        Err(format!("unknown capability {name:?}: expected a name such as NET_ADMIN or SYS_PTRACE (see capabilities(7))"))
+        Err(format!(
+            "unknown capability {name:?}: expected a name such as NET_ADMIN or SYS_PTRACE (see capabilities(7))"
+        ))
     }
 }
 
@@ -145,6 +147,8 @@ pub struct Resources {
     pub memory_bytes: Option<u64>,
     /// Number of CPUs worth of time per period (0.5 = half a core).
     pub cpus: Option<f64>,
+    /// Relative CPU weight under contention, cgroup v2 units: 1 to 10000, default 100.
+    pub cpu_weight: Option<u64>,
     pub pids: Option<i64>,
 }
 
@@ -164,6 +168,8 @@ pub struct InstanceSpec {
     pub etc_files: Vec<(PathBuf, &'static str)>,
     /// Capabilities of the process (bounding, effective, permitted), e.g. from [`capabilities`].
     pub capabilities: Vec<String>,
+    /// The host runs the unified cgroup v2 hierarchy (`cgroup::unified()`), not v1.
+    pub cgroup_v2: bool,
 }
 
 /// CPU period used with `--cpus`: 100 ms, as Docker does.
@@ -215,6 +221,21 @@ pub fn render(spec: &InstanceSpec) -> Value {
     if let Some(cpus) = spec.resources.cpus {
         let quota = (cpus * CPU_PERIOD as f64).round().max(1000.0) as i64;
         resources["cpu"] = json!({"quota": quota, "period": CPU_PERIOD});
+    }
+    if let Some(weight) = spec.resources.cpu_weight {
+        if spec.cgroup_v2 {
+            // Written as is: libcontainer would convert v1 shares with a curve, not exactly.
+            resources["unified"] = json!({"cpu.weight": weight.clamp(1, 10_000).to_string()});
+        } else {
+            // v1 shares: 1024 is the default weight of 100.
+            let shares = (weight * 1024 / 100).clamp(2, 262_144);
+            match resources.get_mut("cpu").and_then(Value::as_object_mut) {
+                Some(cpu) => {
+                    cpu.insert("shares".into(), json!(shares));
+                }
+                None => resources["cpu"] = json!({"shares": shares}),
+            }
+        }
     }
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
@@ -278,9 +299,10 @@ mod tests {
             rootfs: "/var/lib/deliverous/instances/x/rootfs".into(),
             netns: "/run/deliverous/netns/x".into(),
             cgroups_path: "/deliverous/x".into(),
-            resources: Resources { memory_bytes: Some(128 << 20), cpus: Some(0.5), pids: None },
+            resources: Resources { memory_bytes: Some(128 << 20), cpus: Some(0.5), cpu_weight: None, pids: None },
             etc_files: vec![("/tmp/hosts".into(), "/etc/hosts")],
             capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+            cgroup_v2: false,
         }
     }
 
@@ -322,6 +344,23 @@ mod tests {
         let mut s = sample();
         s.resources.cpus = Some(0.001);
         assert_eq!(render(&s)["linux"]["resources"]["cpu"]["quota"], 1000);
+    }
+
+    #[test]
+    fn cpu_weight_is_shares_on_v1_and_cpu_weight_on_v2() {
+        let mut s = sample();
+        s.resources.cpu_weight = Some(500);
+        let v1 = render(&s);
+        assert_eq!(v1["linux"]["resources"]["cpu"]["shares"], 5120);
+        assert_eq!(v1["linux"]["resources"]["cpu"]["quota"], 50_000, "the quota stays");
+        assert!(v1["linux"]["resources"].get("unified").is_none());
+        s.cgroup_v2 = true;
+        let v2 = render(&s);
+        assert_eq!(v2["linux"]["resources"]["unified"]["cpu.weight"], "500");
+        assert!(v2["linux"]["resources"]["cpu"].get("shares").is_none());
+        s.resources.cpu_weight = Some(1);
+        s.cgroup_v2 = false;
+        assert_eq!(render(&s)["linux"]["resources"]["cpu"]["shares"], 10);
     }
 
     #[test]

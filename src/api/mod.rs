@@ -99,6 +99,8 @@ pub struct CreateApp {
     #[serde(default)]
     pub cpus: Option<f64>,
     #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    #[serde(default)]
     pub pids: Option<u32>,
     #[serde(default)]
     pub stop_timeout: Option<u32>,
@@ -124,6 +126,7 @@ pub struct ConfigPatch {
     pub memory: Option<Size>,
     pub cpus: Option<f64>,
     pub pids: Option<u32>,
+    pub cpu_weight: Option<u32>,
     pub stop_timeout: Option<u32>,
     /// Replaces the list of added capabilities (`[]` clears it).
     pub cap_add: Option<Vec<String>>,
@@ -165,6 +168,7 @@ pub struct AppView {
     pub memory: Option<String>,
     pub cpus: Option<f64>,
     pub pids: u32,
+    pub cpu_weight: u32,
     pub stop_timeout: Option<u32>,
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
@@ -197,6 +201,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         memory: app.spec.memory.map(format_bytes),
         cpus: app.spec.cpus,
         pids: app.spec.pids.unwrap_or(apps::DEFAULT_PIDS),
+        cpu_weight: app.spec.cpu_weight.unwrap_or(100),
         stop_timeout: app.spec.stop_timeout,
         cap_add: app.spec.cap_add.clone(),
         cap_drop: app.spec.cap_drop.clone(),
@@ -268,6 +273,7 @@ async fn create_app(
         },
         cpus: req.cpus.filter(|c| *c != 0.0),
         pids: req.pids.filter(|p| *p != 0),
+        cpu_weight: req.cpu_weight.filter(|w| *w != 0),
         stop_timeout: req.stop_timeout,
         cap_add: normalize_caps(req.cap_add)?,
         cap_drop: normalize_caps(req.cap_drop)?,
@@ -367,6 +373,9 @@ async fn config_app(
     }
     if let Some(p) = patch.pids {
         spec.pids = (p != 0).then_some(p);
+    }
+    if let Some(w) = patch.cpu_weight {
+        spec.cpu_weight = (w != 0).then_some(w);
     }
     if let Some(t) = patch.stop_timeout {
         spec.stop_timeout = Some(t);

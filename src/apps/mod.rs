@@ -30,6 +30,9 @@ pub struct AppSpec {
     /// CPU time per instance, in CPUs (0.5 = half a core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
+    /// Relative CPU weight under contention: 1 to 10000, 100 being the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
     /// Most processes (and threads) an instance may have; `None` is the default, [`DEFAULT_PIDS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
@@ -140,6 +143,11 @@ impl AppSpec {
                 return Err(format!("invalid cpus {c}: expected a positive number such as 0.5 or 2"));
             }
         }
+        if let Some(w) = self.cpu_weight {
+            if !(1..=10_000).contains(&w) {
+                return Err(format!("invalid cpu weight {w}: expected 1 to 10000 (100 is the default)"));
+            }
+        }
         if let Some(p) = self.pids {
             if !(MIN_PIDS..=MAX_PIDS).contains(&p) {
                 return Err(format!("invalid pids limit {p}: expected {MIN_PIDS} to {MAX_PIDS}"));
@@ -235,6 +243,7 @@ mod tests {
             memory: Some(128 << 20),
             cpus: Some(0.5),
             pids: None,
+            cpu_weight: None,
             stop_timeout: None,
             cap_add: vec![],
             cap_drop: vec![],

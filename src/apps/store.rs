@@ -248,6 +248,7 @@ mod tests {
             memory: None,
             cpus: None,
             pids: None,
+            cpu_weight: None,
             stop_timeout: None,
             cap_add: vec![],
             cap_drop: vec![],

@@ -2,6 +2,7 @@
 //! as aligned tables or, with `--json`, as JSON.
 
 mod client;
+mod registry;
 
 use std::process::ExitCode;
 
@@ -11,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 pub use client::Host;
 use client::{call, CallError};
+pub use registry::{run_registry, RegistryCommand};
 
 #[derive(Debug, Subcommand)]
 pub enum AppCommand {
@@ -83,6 +85,9 @@ pub struct Settings {
     /// CPUs per instance, e.g. 0.5 (0 removes the limit).
     #[arg(long)]
     cpus: Option<f64>,
+    /// Relative CPU weight under contention, 1 to 10000 (default 100; 0 restores it).
+    #[arg(long = "cpu-weight", value_name = "WEIGHT")]
+    cpu_weight: Option<u32>,
     /// Most processes and threads per instance (default 4096; 0 restores the default).
     #[arg(long)]
     pids: Option<u32>,
@@ -329,6 +334,9 @@ fn summary(app: &Value) {
 /// `--stop-timeout`, `--cap-add`/`--cap-drop` into the request body; `none` sends an empty
 /// capability list (clears it).
 fn add_settings(body: &mut Value, settings: &Settings) {
+    if let Some(w) = settings.cpu_weight {
+        body["cpu_weight"] = json!(w);
+    }
     if let Some(t) = settings.stop_timeout {
         body["stop_timeout"] = json!(t);
     }
@@ -360,6 +368,7 @@ fn show(app: &Value) {
         ("env", env),
         ("memory", s(&app["memory"])),
         ("cpus", s(&app["cpus"])),
+        ("cpu_weight", s(&app["cpu_weight"])),
         ("pids", s(&app["pids"])),
         ("stop_timeout", app["stop_timeout"].as_u64().map_or("default".to_string(), |t| format!("{t}s"))),
         ("cap_add", list(&app["cap_add"])),

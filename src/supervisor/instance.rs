@@ -154,9 +154,11 @@ impl Supervisor {
             resources: spec::Resources {
                 memory_bytes: rev.spec.memory,
                 cpus: rev.spec.cpus,
+                cpu_weight: rev.spec.cpu_weight.map(u64::from),
                 pids: Some(i64::from(rev.spec.pids.unwrap_or(apps::DEFAULT_PIDS))),
             },
             etc_files,
+            cgroup_v2: cgroup::unified(),
             capabilities: spec::capabilities(&rev.spec.cap_add, &rev.spec.cap_drop)
                 .map_err(|e| format!("app capabilities: {e}"))?,
         };

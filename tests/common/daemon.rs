@@ -139,6 +139,8 @@ impl Daemon {
             .args(["--cgroup-parent", &n.cgroup_parent])
             .args(["--nft-table", &n.nft_table])
             .args(&self.extra_args)
+            .env("DELIVEROUS_AUTH_FILE", self.auth_file())
+            .env("DOCKER_CONFIG", self.names.dir.join("docker"))
             .env("RUST_BACKTRACE", "1")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,deliverous=debug".into()))
             .stdin(Stdio::null())
@@ -188,7 +190,13 @@ impl Daemon {
     fn command(&self, args: &[&str]) -> Command {
         let host = format!("unix:{}", self.socket().display());
         let mut cmd = Command::new(BINARY);
-        cmd.arg("--host").arg(&host).args(args).env("DELIVEROUS_HOST", &host).env("NO_COLOR", "1");
+        cmd.arg("--host")
+            .arg(&host)
+            .args(args)
+            .env("DELIVEROUS_HOST", &host)
+            .env("DELIVEROUS_AUTH_FILE", self.auth_file())
+            .env("DOCKER_CONFIG", self.names.dir.join("docker"))
+            .env("NO_COLOR", "1");
         cmd
     }
 
@@ -269,6 +277,11 @@ impl Daemon {
             Path::new("/sys/fs/cgroup").join(v1_controller)
         };
         base.join(&self.names.cgroup_parent).join(instance_id).join(file)
+    }
+
+    /// The registry credentials file of this daemon (and of its CLI): never the host's.
+    pub fn auth_file(&self) -> PathBuf {
+        self.names.dir.join("auth.json")
     }
 
     /// PID of the shim of instance `instance_id` (`deliverous shim --id <id> ...`).

@@ -329,6 +329,7 @@ impl TestImage {
             Command::new("skopeo")
                 .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
                 .args(["--retry-times", "3"])
+                .args(registry.login().map(|l| vec!["--dest-creds".to_string(), l]).unwrap_or_default())
                 .arg(&src)
                 .arg(&dest),
             Duration::from_secs(180),

@@ -12,6 +12,8 @@ const BINARY: &str = "/usr/bin/docker-registry";
 pub struct Registry {
     child: Child,
     addr: String,
+    /// User and password every request needs (htpasswd), if any.
+    login: Option<(String, String)>,
     log: PathBuf,
     // Dropped last (after the process is gone): field order matters.
     dir: tempfile::TempDir,
@@ -20,6 +22,15 @@ pub struct Registry {
 impl Registry {
     /// Starts the registry and waits until `GET /v2/` answers. Panics with its log otherwise.
     pub fn start() -> Registry {
+        Registry::start_inner(None)
+    }
+
+    /// A registry that refuses every request without this user and password (htpasswd).
+    pub fn start_with_login(user: &str, password: &str) -> Registry {
+        Registry::start_inner(Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_inner(login: Option<(String, String)>) -> Registry {
         assert!(
             std::path::Path::new(BINARY).exists(),
             "{BINARY} is missing: apt-get install docker-registry (scripts/test does it)"
@@ -27,6 +38,15 @@ impl Registry {
         // Named without "dlv": the leaks tool must not report a registry other tests share.
         let dir = tempfile::Builder::new().prefix("oci-registry-").tempdir().expect("create registry temp dir");
         let log = dir.path().join("registry.log");
+        let auth = match &login {
+            Some((user, password)) => {
+                let hash = bcrypt::hash(password, 4).expect("bcrypt");
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("write htpasswd");
+                format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display())
+            }
+            None => String::new(),
+        };
         // The port is free when picked but could be taken before the registry binds it: retry.
         let mut last_error = String::new();
         for _attempt in 0..5 {
@@ -38,7 +58,7 @@ impl Registry {
                     "version: 0.1\n\
                      log:\n  level: warn\n  accesslog:\n    disabled: true\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                     http:\n  addr: {addr}\n",
+                     http:\n  addr: {addr}\n{auth}",
                     dir.path().join("storage").display()
                 ),
             )
@@ -53,7 +73,7 @@ impl Registry {
                 .spawn()
                 .expect("spawn docker-registry");
             match wait_ready(&mut child, &addr, Duration::from_secs(15)) {
-                Ok(()) => return Registry { child, addr, log, dir },
+                Ok(()) => return Registry { child, addr, login, log, dir },
                 Err(e) => {
                     last_error = e;
                     // Only the PID we started.
@@ -68,6 +88,11 @@ impl Registry {
     /// `127.0.0.1:PORT`, the registry part of image references (`{addr}/demo/httpd:1`).
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// `user:password` if the registry needs a login.
+    pub fn login(&self) -> Option<String> {
+        self.login.as_ref().map(|(u, p)| format!("{u}:{p}"))
     }
 
     /// Full reference of `repo_tag` (`demo/httpd:1`) in this registry.
@@ -99,7 +124,8 @@ fn wait_ready(child: &mut Child, addr: &str, timeout: Duration) -> Result<(), St
             return Err(format!("docker-registry exited early with {status}"));
         }
         let last = match try_http_get(addr, addr, "/v2/") {
-            Ok((200, _)) => return Ok(()),
+            // 401: up, and asking for the login it was configured with.
+            Ok((200 | 401, _)) => return Ok(()),
             Ok((status, body)) => format!("GET /v2/ answered {status}: {body}"),
             Err(e) => format!("GET /v2/ failed: {e}"),
         };

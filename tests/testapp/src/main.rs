@@ -239,13 +239,18 @@ fn probe() -> String {
         })
         .unwrap_or_else(|| "?".into());
     out.push_str(&format!("shm_size={shm}\n"));
-    // A device node can be made (CAP_MKNOD) but not opened (device cgroup): /dev/mem here.
-    let _ = std::fs::remove_file("/tmp/probe-mem");
-    // SAFETY: NUL-terminated literal path.
-    let rc = unsafe { mknod(b"/tmp/probe-mem\0".as_ptr(), 0o020600, (1 << 8) | 1) };
-    out.push_str(&format!("mknod_mem={}\n", outcome(rc as i64)));
-    let opened = std::fs::File::open("/tmp/probe-mem").map(|_| 0);
-    out.push_str(&format!("open_mem={}\n", io_outcome(opened)));
+    // A device node can be made (CAP_MKNOD) but only the standard ones opened (device cgroup):
+    // /dev/kmsg (1:11) opens write-only without any capability, so only the cgroup refuses it;
+    // /dev/null (1:3) is allowed.
+    for (name, minor) in [("kmsg", 11u64), ("null", 3)] {
+        let path = format!("/tmp/probe-{name}\0");
+        let _ = std::fs::remove_file(path.trim_end_matches('\0'));
+        // SAFETY: NUL-terminated path.
+        let rc = unsafe { mknod(path.as_ptr(), 0o020600, (1 << 8) | minor) };
+        out.push_str(&format!("mknod_{name}={}\n", outcome(rc as i64)));
+        let opened = std::fs::OpenOptions::new().write(true).open(path.trim_end_matches('\0')).map(|_| 0);
+        out.push_str(&format!("open_{name}={}\n", io_outcome(opened)));
+    }
     out
 }
 
