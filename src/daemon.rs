@@ -48,6 +48,10 @@ pub struct DaemonArgs {
     /// Registry (HOST:PORT) reached over plain HTTP; loopback registries always are.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// Host path apps may mount read-only with `--volume /host/path:/path` (repeatable; none by
+    /// default).
+    #[arg(long = "allow-bind", value_name = "PATH")]
+    allow_binds: Vec<PathBuf>,
     /// Registry credentials (`deliverous registry login` writes them), read at every pull;
     /// Docker's `~/.docker/config.json` is read after it.
     #[arg(long, env = "DELIVEROUS_AUTH_FILE", default_value = deliverous_images::DEFAULT_AUTH_FILE)]
@@ -147,6 +151,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         log_max_bytes: 10 << 20,
         log_keep: 3,
         ready_timeout: Duration::from_secs(30),
+        allow_binds: args.allow_binds.clone(),
     };
     let sup = Supervisor::new(settings, store, images, net, routes.clone());
     sup.recover().await.context("cannot recover instances from the previous run")?;

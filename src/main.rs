@@ -36,6 +36,9 @@ enum Command {
     /// Manage images: pull, ls.
     #[command(subcommand)]
     Image(cli::ImageCommand),
+    /// Named volumes: ls, rm.
+    #[command(subcommand)]
+    Volume(cli::VolumeCommand),
     /// Registry credentials: login, logout.
     #[command(subcommand)]
     Registry(cli::RegistryCommand),
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => daemon::main(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
+        Command::Volume(cmd) => with_client(&cli.host, |host| async move { cli::run_volume(&host, cmd).await }),
         Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(cli::run_registry(cmd)),
             Err(e) => {

@@ -10,3 +10,4 @@ pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod user;
+pub mod volume;

@@ -152,6 +152,14 @@ pub struct Resources {
     pub pids: Option<i64>,
 }
 
+/// A host directory mounted at `destination` inside the instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub destination: String,
+    pub read_only: bool,
+}
+
 /// Everything the spec needs about one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
@@ -168,6 +176,8 @@ pub struct InstanceSpec {
     pub etc_files: Vec<(PathBuf, &'static str)>,
     /// Capabilities of the process (bounding, effective, permitted), e.g. from [`capabilities`].
     pub capabilities: Vec<String>,
+    /// Directories bind-mounted into the instance (volumes), after everything else.
+    pub binds: Vec<Bind>,
     /// The host runs the unified cgroup v2 hierarchy (`cgroup::unified()`), not v1.
     pub cgroup_v2: bool,
 }
@@ -250,6 +260,14 @@ pub fn render(spec: &InstanceSpec) -> Value {
             json!({"destination": destination, "type": "bind", "source": source, "options": ["rbind", "rprivate"]}),
         );
     }
+    for bind in &spec.binds {
+        let mut options = vec!["rbind", "rprivate", "nosuid", "nodev"];
+        if bind.read_only {
+            options.push("ro");
+        }
+        mounts
+            .push(json!({"destination": bind.destination, "type": "bind", "source": bind.source, "options": options}));
+    }
     json!({
         "ociVersion": "1.0.2",
         "hostname": spec.hostname,
@@ -303,6 +321,7 @@ mod tests {
             etc_files: vec![("/tmp/hosts".into(), "/etc/hosts")],
             capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
             cgroup_v2: false,
+            binds: vec![],
         }
     }
 
@@ -344,6 +363,21 @@ mod tests {
         let mut s = sample();
         s.resources.cpus = Some(0.001);
         assert_eq!(render(&s)["linux"]["resources"]["cpu"]["quota"], 1000);
+    }
+
+    #[test]
+    fn volumes_are_bind_mounts_read_only_when_asked() {
+        let mut s = sample();
+        s.binds = vec![
+            Bind { source: "/data/volumes/db".into(), destination: "/var/lib/db".into(), read_only: false },
+            Bind { source: "/srv/shared".into(), destination: "/shared".into(), read_only: true },
+        ];
+        let v = render(&s);
+        let mounts = v["mounts"].as_array().unwrap();
+        let db = mounts.iter().find(|m| m["destination"] == "/var/lib/db").unwrap();
+        assert_eq!(db["options"], json!(["rbind", "rprivate", "nosuid", "nodev"]));
+        let shared = mounts.iter().find(|m| m["destination"] == "/shared").unwrap();
+        assert_eq!(shared["options"], json!(["rbind", "rprivate", "nosuid", "nodev", "ro"]));
     }
 
     #[test]

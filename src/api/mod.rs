@@ -8,7 +8,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -105,6 +105,8 @@ pub struct CreateApp {
     #[serde(default)]
     pub stop_timeout: Option<u32>,
     #[serde(default)]
+    pub volumes: Vec<String>,
+    #[serde(default)]
     pub cap_add: Vec<String>,
     #[serde(default)]
     pub cap_drop: Vec<String>,
@@ -128,6 +130,8 @@ pub struct ConfigPatch {
     pub pids: Option<u32>,
     pub cpu_weight: Option<u32>,
     pub stop_timeout: Option<u32>,
+    /// Replaces the list of volumes (`[]` clears it).
+    pub volumes: Option<Vec<String>>,
     /// Replaces the list of added capabilities (`[]` clears it).
     pub cap_add: Option<Vec<String>>,
     /// Replaces the list of dropped capabilities (`[]` clears it).
@@ -170,6 +174,7 @@ pub struct AppView {
     pub pids: u32,
     pub cpu_weight: u32,
     pub stop_timeout: Option<u32>,
+    pub volumes: Vec<String>,
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
     pub domains: Vec<String>,
@@ -203,6 +208,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         pids: app.spec.pids.unwrap_or(apps::DEFAULT_PIDS),
         cpu_weight: app.spec.cpu_weight.unwrap_or(100),
         stop_timeout: app.spec.stop_timeout,
+        volumes: app.spec.volumes.clone(),
         cap_add: app.spec.cap_add.clone(),
         cap_drop: app.spec.cap_drop.clone(),
         domains: app.spec.domains.clone(),
@@ -253,6 +259,8 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/scale", put(scale_app))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{name}", delete(remove_volume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
         .with_state(sup)
 }
@@ -275,11 +283,13 @@ async fn create_app(
         pids: req.pids.filter(|p| *p != 0),
         cpu_weight: req.cpu_weight.filter(|w| *w != 0),
         stop_timeout: req.stop_timeout,
+        volumes: req.volumes,
         cap_add: normalize_caps(req.cap_add)?,
         cap_drop: normalize_caps(req.cap_drop)?,
         domains: req.domains,
     };
     spec.validate().map_err(ApiError::bad_request)?;
+    sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
     let instances = check_count(req.instances.unwrap_or(1))?;
     if !sup.store().create_app(&req.name, &spec, instances)? {
         return Err(ApiError::new(
@@ -380,6 +390,9 @@ async fn config_app(
     if let Some(t) = patch.stop_timeout {
         spec.stop_timeout = Some(t);
     }
+    if let Some(volumes) = patch.volumes {
+        spec.volumes = volumes;
+    }
     if let Some(caps) = patch.cap_add {
         spec.cap_add = normalize_caps(caps)?;
     }
@@ -394,6 +407,7 @@ async fn config_app(
     }
     spec.domains.retain(|d| !patch.remove_domains.iter().any(|r| r.eq_ignore_ascii_case(d)));
     spec.validate().map_err(ApiError::bad_request)?;
+    sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
     if spec == app.spec {
         return Ok(Json(view(&sup, &app)?));
     }
@@ -433,6 +447,93 @@ async fn remove_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>
     sup.store().delete_app(&name)?;
     sup.publish_routes();
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    /// Apps whose configuration mounts it.
+    pub used_by: Vec<String>,
+}
+
+/// Apps whose current configuration mounts named volume `name`.
+fn volume_users(sup: &Supervisor, name: &str) -> Result<Vec<String>, ApiError> {
+    let apps = sup.store().apps()?;
+    Ok(apps
+        .into_iter()
+        .filter(|a| {
+            a.spec.volumes.iter().any(|v| {
+                deliverous_runtime::volume::parse(v)
+                    .is_ok_and(|v| v.source == deliverous_runtime::volume::Source::Named(name.to_string()))
+            })
+        })
+        .map(|a| a.name)
+        .collect())
+}
+
+async fn list_volumes(State(sup): State<Arc<Supervisor>>) -> ApiResult<Vec<VolumeView>> {
+    let dir = sup.settings().data_dir.join("volumes");
+    let mut views = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Json(views)),
+        Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", dir.display()))),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            continue;
+        }
+        let path = entry.path();
+        let size = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || tree_size(&path)
+        })
+        .await
+        .unwrap_or(0);
+        views.push(VolumeView { used_by: volume_users(&sup, &name)?, name, path: path.display().to_string(), size });
+    }
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(views))
+}
+
+/// Bytes of the regular files below `path` (symlinks not followed).
+fn tree_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+async fn remove_volume(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    deliverous_runtime::volume::check_name(&name).map_err(ApiError::bad_request)?;
+    let users = volume_users(&sup, &name)?;
+    if !users.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("volume {name} is used by {}: remove it from their configuration first", users.join(", ")),
+        ));
+    }
+    let dir = sup.settings().volume_dir(&name);
+    if !dir.exists() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no volume named {name:?}: see `deliverous volume ls`"),
+        ));
+    }
+    let result = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+    match result {
+        Ok(Ok(())) => Ok(StatusCode::NO_CONTENT),
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("removing volume {name}: {e}"))),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("removing volume {name}: {e}"))),
+    }
 }
 
 async fn list_images(State(sup): State<Arc<Supervisor>>) -> Result<Json<Value>, ApiError> {

@@ -39,6 +39,9 @@ pub struct AppSpec {
     /// Seconds between the stop signal and SIGKILL; `None` is the daemon's `--stop-timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<u32>,
+    /// `NAME:/path[:ro]` named volumes and `/host/path:/path` read-only host paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
     /// Capabilities added to Docker's default set (`NET_ADMIN`, `CAP_SYS_PTRACE`, `ALL`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cap_add: Vec<String>,
@@ -159,6 +162,14 @@ impl AppSpec {
             }
         }
         deliverous_runtime::spec::capabilities(&self.cap_add, &self.cap_drop)?;
+        let mut targets = Vec::new();
+        for v in &self.volumes {
+            let volume = deliverous_runtime::volume::parse(v)?;
+            if targets.contains(&volume.target) {
+                return Err(format!("two volumes are mounted at {}", volume.target));
+            }
+            targets.push(volume.target);
+        }
         for d in &self.domains {
             validate_domain(d)?;
         }
@@ -245,6 +256,7 @@ mod tests {
             pids: None,
             cpu_weight: None,
             stop_timeout: None,
+            volumes: vec![],
             cap_add: vec![],
             cap_drop: vec![],
             domains: vec!["example.com".into()],

@@ -250,6 +250,7 @@ mod tests {
             pids: None,
             cpu_weight: None,
             stop_timeout: None,
+            volumes: vec![],
             cap_add: vec![],
             cap_drop: vec![],
             domains: vec![],

@@ -85,6 +85,10 @@ pub struct Settings {
     /// CPUs per instance, e.g. 0.5 (0 removes the limit).
     #[arg(long)]
     cpus: Option<f64>,
+    /// Volume NAME:/path[:ro] (kept across deploys) or read-only /host/path:/path allowed by the
+    /// daemon's --allow-bind (repeatable; on `config` the list replaces the old one, "none" clears it).
+    #[arg(short = 'v', long = "volume", value_name = "VOLUME")]
+    volumes: Vec<String>,
     /// Relative CPU weight under contention, 1 to 10000 (default 100; 0 restores it).
     #[arg(long = "cpu-weight", value_name = "WEIGHT")]
     cpu_weight: Option<u32>,
@@ -118,6 +122,49 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// List named volumes: size, apps using them.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a named volume and its data (refused while an app's configuration mounts it).
+    Rm { name: String },
+}
+
+pub async fn run_volume(host: &Host, cmd: VolumeCommand) -> ExitCode {
+    let result = match cmd {
+        VolumeCommand::Ls { json } => call(host, Method::GET, "/v1/volumes", None).await.map(|vols| {
+            if json {
+                print_json(&vols);
+            } else {
+                let rows = vols
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| {
+                        vec![
+                            s(&v["name"]),
+                            v["size"].as_u64().map(crate::apps::format_bytes).unwrap_or_default(),
+                            list(&v["used_by"]),
+                            s(&v["path"]),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "SIZE", "USED BY", "PATH"], rows);
+            }
+        }),
+        VolumeCommand::Rm { name } => call(host, Method::DELETE, &format!("/v1/volumes/{name}"), None)
+            .await
+            .map(|_| println!("removed volume {name}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
 }
 
 /// Exit codes: 0 success, 1 the daemon refused or failed, 2 bad usage, 3 daemon unreachable.
@@ -334,6 +381,10 @@ fn summary(app: &Value) {
 /// `--stop-timeout`, `--cap-add`/`--cap-drop` into the request body; `none` sends an empty
 /// capability list (clears it).
 fn add_settings(body: &mut Value, settings: &Settings) {
+    if !settings.volumes.is_empty() {
+        let volumes: Vec<&String> = settings.volumes.iter().filter(|v| !v.eq_ignore_ascii_case("none")).collect();
+        body["volumes"] = json!(volumes);
+    }
     if let Some(w) = settings.cpu_weight {
         body["cpu_weight"] = json!(w);
     }
@@ -370,6 +421,7 @@ fn show(app: &Value) {
         ("cpus", s(&app["cpus"])),
         ("cpu_weight", s(&app["cpu_weight"])),
         ("pids", s(&app["pids"])),
+        ("volumes", list(&app["volumes"])),
         ("stop_timeout", app["stop_timeout"].as_u64().map_or("default".to_string(), |t| format!("{t}s"))),
         ("cap_add", list(&app["cap_add"])),
         ("cap_drop", list(&app["cap_drop"])),

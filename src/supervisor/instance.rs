@@ -11,7 +11,7 @@ use std::time::Duration;
 use deliverous_images::Image;
 use deliverous_runtime::network::veth_name;
 use deliverous_runtime::shim::protocol::{ExitStatus, Reply, Request};
-use deliverous_runtime::{cgroup, rootfs, spec, user};
+use deliverous_runtime::{cgroup, rootfs, spec, user, volume};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -106,6 +106,30 @@ impl Supervisor {
         Ok(uid)
     }
 
+    /// Blocking: the bind mounts of an app's volumes. A named volume used for the first time is
+    /// created with what the image has at its target (owner and mode included), as Docker does.
+    fn volume_binds(&self, rev: &Revision, rootfs: &Path, uid: &str) -> Result<Vec<spec::Bind>, String> {
+        let s = &self.settings;
+        s.check_host_paths(&rev.spec)?;
+        let mut binds = Vec::new();
+        for v in &rev.spec.volumes {
+            let v = volume::parse(v)?;
+            let source = match &v.source {
+                volume::Source::Host(path) => path.clone(),
+                volume::Source::Named(name) => {
+                    let dir = s.volume_dir(name);
+                    if !dir.exists() {
+                        create_volume(&dir, seed_dir(rootfs, &v.target).as_deref(), uid)
+                            .map_err(|e| format!("creating volume {name}: {e}"))?;
+                    }
+                    dir
+                }
+            };
+            binds.push(spec::Bind { source, destination: v.target, read_only: v.read_only });
+        }
+        Ok(binds)
+    }
+
     /// Blocking: everything an instance needs before its shim runs. Undoes nothing itself: the
     /// caller's `release` removes whatever exists.
     fn prepare(&self, row: &InstanceRow, rev: &Revision, image: &Image) -> Result<i32, String> {
@@ -118,6 +142,7 @@ impl Supervisor {
         let passwd = user::read_etc_file(&rootfs_path, "passwd");
         let group = user::read_etc_file(&rootfs_path, "group");
         let who = user::resolve(image.config.user.as_deref(), &passwd, &group).map_err(|e| e.to_string())?;
+        let binds = self.volume_binds(rev, &rootfs_path, &row.uid)?;
         let args = spec::command_line(&image.config.entrypoint, &image.config.cmd);
         if args.is_empty() {
             return Err(format!("image {} has neither Entrypoint nor Cmd: nothing to run", rev.image));
@@ -159,6 +184,7 @@ impl Supervisor {
             },
             etc_files,
             cgroup_v2: cgroup::unified(),
+            binds,
             capabilities: spec::capabilities(&rev.spec.cap_add, &rev.spec.cap_drop)
                 .map_err(|e| format!("app capabilities: {e}"))?,
         };
@@ -521,5 +547,61 @@ mod tests {
         assert_eq!(parse_signal(Some("quit")), libc::SIGQUIT);
         assert_eq!(parse_signal(Some("9")), 9);
         assert_eq!(parse_signal(Some("SIGWHATEVER")), libc::SIGTERM);
+    }
+}
+
+/// The image's directory at `target` inside `rootfs`, if there is one reached without any
+/// symlink: the image is untrusted, and a symlink there could point at the host's files.
+fn seed_dir(rootfs: &Path, target: &str) -> Option<std::path::PathBuf> {
+    let mut path = rootfs.to_path_buf();
+    for component in Path::new(target).components().skip(1) {
+        path.push(component);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        if !meta.is_dir() {
+            return None;
+        }
+    }
+    Some(path)
+}
+
+/// Makes volume directory `dir`, seeded from `seed` (the image's content at the mount point) if
+/// there is one. Built aside and renamed into place: a volume directory is complete or
+/// absent, and of two instances creating it at once one wins, the other uses the winner's.
+fn create_volume(dir: &Path, seed: Option<&Path>, uid: &str) -> std::io::Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".tmp-{name}-{uid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp)?;
+    let seeded = match seed {
+        Some(seed) => volume::copy_up(seed, &tmp),
+        None => Ok(()),
+    };
+    let result = seeded.and_then(|()| match std::fs::rename(&tmp, dir) {
+        Err(_) if dir.is_dir() => std::fs::remove_dir_all(&tmp),
+        other => other,
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod volume_tests {
+    use super::*;
+
+    #[test]
+    fn a_volume_is_never_seeded_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("var/lib/app")).unwrap();
+        std::os::unix::fs::symlink("/etc", rootfs.join("data")).unwrap();
+        std::os::unix::fs::symlink("/etc", rootfs.join("var/link")).unwrap();
+        assert_eq!(seed_dir(&rootfs, "/var/lib/app"), Some(rootfs.join("var/lib/app")));
+        assert_eq!(seed_dir(&rootfs, "/data"), None, "a symlink to the host's /etc");
+        assert_eq!(seed_dir(&rootfs, "/var/link/ssl"), None, "a symlink on the way");
+        assert_eq!(seed_dir(&rootfs, "/missing"), None);
     }
 }

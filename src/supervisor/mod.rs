@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use deliverous_images::{Image, ImageStore, PullOptions, Reference};
 use deliverous_runtime::network::HostNetwork;
+use deliverous_runtime::volume;
 use serde::Serialize;
 use tokio::sync::{watch, OwnedMutexGuard};
 
@@ -32,9 +33,33 @@ pub struct Settings {
     pub log_keep: u32,
     /// How long a new instance may take to accept connections on its port.
     pub ready_timeout: Duration,
+    /// Host paths (and what is below them) apps may mount read-only.
+    pub allow_binds: Vec<PathBuf>,
 }
 
 impl Settings {
+    /// Where named volume `name` keeps its data.
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(name)
+    }
+
+    /// Refuses host paths outside `--allow-bind` (resolved, so a symlink cannot lead out).
+    pub fn check_host_paths(&self, spec: &AppSpec) -> Result<(), String> {
+        for v in &spec.volumes {
+            let volume = volume::parse(v)?;
+            let volume::Source::Host(path) = &volume.source else { continue };
+            let real = path.canonicalize().map_err(|e| format!("host path {}: {e}", path.display()))?;
+            let allowed = self.allow_binds.iter().any(|a| a.canonicalize().is_ok_and(|a| real.starts_with(a)));
+            if !allowed {
+                return Err(format!(
+                    "host path {} is not one the operator allows to mount (daemon flag --allow-bind)",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// An app's stop grace period: its own, or the daemon's default.
     pub fn grace(&self, spec: &AppSpec) -> Duration {
         spec.stop_timeout.map_or(self.stop_timeout, |t| Duration::from_secs(u64::from(t)))
@@ -143,6 +168,10 @@ impl Supervisor {
             restarts: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     pub fn store(&self) -> &Store {

@@ -6,6 +6,7 @@
 //! `GET /exit?code=N` ends it with that code, `GET /spawn?n=N&secs=S` starts N `sleep S`
 //! children (stopping at the first failure, e.g. the pids limit), `GET /bomb` starts a shell
 //! fork bomb, `GET /spin?ms=N` burns CPU for N ms of wall time and answers the CPU time it got,
+//! `GET /file?path=P[&content=C]` reads (or writes) a file,
 //! `GET /probe` reports what the instance may do to the kernel (capabilities, seccomp, masked
 //! and read-only paths, devices), one `key=value` per line.
 //! One thread per connection, `Connection: close`.
@@ -127,6 +128,17 @@ fn route(method: &str, path: &str, query: &str) -> (u16, String, Option<i32>) {
             Err(e) => (500, format!("cannot start the fork bomb: {e}\n"), None),
         },
         "/probe" => (200, probe(), None),
+        "/file" => match (param(query, "path"), param(query, "content")) {
+            (Some(path), Some(content)) => match std::fs::write(path, content) {
+                Ok(()) => (200, "written\n".into(), None),
+                Err(e) => (500, format!("{}\n", errno_name(e.raw_os_error().unwrap_or(0))), None),
+            },
+            (Some(path), None) => match std::fs::read_to_string(path) {
+                Ok(text) => (200, text, None),
+                Err(e) => (500, format!("{}\n", errno_name(e.raw_os_error().unwrap_or(0))), None),
+            },
+            _ => (400, "usage: /file?path=P[&content=C]\n".into(), None),
+        },
         "/spin" => match param(query, "ms").and_then(|v| v.parse::<u64>().ok()) {
             Some(ms) => (200, spin(ms), None),
             None => (400, "usage: /spin?ms=N\n".into(), None),
