@@ -48,6 +48,12 @@ pub struct DaemonArgs {
     /// Registry (HOST:PORT) reached over plain HTTP; loopback registries always are.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// Size at which an instance's log file is rotated (e.g. 10M, 1G).
+    #[arg(long = "log-max-size", default_value = "10M", value_parser = parse_size)]
+    log_max_size: u64,
+    /// Rotated log files kept per instance, besides the current one.
+    #[arg(long = "log-keep", default_value_t = 3)]
+    log_keep: u32,
     /// Host path apps may mount read-only with `--volume /host/path:/path` (repeatable; none by
     /// default).
     #[arg(long = "allow-bind", value_name = "PATH")]
@@ -148,8 +154,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         domain_suffix: args.domain_suffix.trim_matches('.').to_ascii_lowercase(),
         insecure_registries: args.insecure_registries.clone(),
         stop_timeout: Duration::from_secs(args.stop_timeout),
-        log_max_bytes: 10 << 20,
-        log_keep: 3,
+        log_max_bytes: args.log_max_size,
+        log_keep: args.log_keep,
         ready_timeout: Duration::from_secs(30),
         allow_binds: args.allow_binds.clone(),
     };
@@ -199,4 +205,13 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         bail!("another deliverous daemon is using {}", dir.display());
     }
     Ok(file)
+}
+
+/// `10M`, `512K`, `1G` or plain bytes, at least 4 KiB.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let bytes = crate::apps::parse_bytes(text)?;
+    if bytes < 4096 {
+        return Err(format!("size {text:?} is too small: give at least 4K"));
+    }
+    Ok(bytes)
 }

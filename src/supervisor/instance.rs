@@ -465,14 +465,50 @@ impl Supervisor {
     /// Instance directories and namespaces that no record owns: left by a crash between
     /// creating them and recording the instance.
     fn sweep_orphans(&self) {
-        let known: std::collections::HashSet<String> = lock(&self.live).keys().cloned().collect();
-        let instances = self.settings.data_dir.join("instances");
-        let Ok(entries) = std::fs::read_dir(&instances) else { return };
-        for entry in entries.flatten() {
-            let uid = entry.file_name().to_string_lossy().to_string();
-            if known.contains(&uid) {
-                continue;
+        let s = &self.settings;
+        let mut known: std::collections::HashSet<String> = lock(&self.live).keys().cloned().collect();
+        if let Ok(rows) = self.store.instances() {
+            known.extend(rows.into_iter().map(|r| r.uid));
+        }
+        // An instance leaves traces in several places, created in turn; a crash can stop
+        // anywhere between them, so every place is a source of leftovers.
+        let parent_cgroups = cgroup::dirs(&format!("/{}", s.cgroup_parent));
+        let mut places = vec![s.data_dir.join("instances"), s.run_dir.join("netns"), s.container_root()];
+        places.extend(parent_cgroups);
+        let mut orphans = std::collections::BTreeSet::new();
+        for place in &places {
+            let Ok(entries) = std::fs::read_dir(place) else { continue };
+            for entry in entries.flatten() {
+                let uid = entry.file_name().to_string_lossy().to_string();
+                if is_instance_uid(&uid) && !known.contains(&uid) {
+                    orphans.insert(uid);
+                }
             }
+        }
+        // Veths carry a shortened uid: those matching no instance we know of are left over. Only
+        // links named exactly like ours, never the bridge, and enslaved to our bridge if at all.
+        let config = self.net.config();
+        let prefix = &config.veth_prefix;
+        let known_veths: std::collections::HashSet<String> =
+            known.iter().chain(orphans.iter()).map(|uid| veth_name(prefix, uid)).collect();
+        let veth_len = veth_name(prefix, "000000000000").len();
+        if let Ok(links) = std::fs::read_dir("/sys/class/net") {
+            for link in links.flatten() {
+                let name = link.file_name().to_string_lossy().to_string();
+                let ours = name.len() == veth_len
+                    && name != config.bridge
+                    && name.strip_prefix(prefix.as_str()).is_some_and(|rest| !rest.is_empty() && is_hex(rest))
+                    && std::fs::read_link(link.path().join("master"))
+                        .map_or(true, |m| m.file_name().is_some_and(|b| b.to_string_lossy() == config.bridge));
+                if ours && !known_veths.contains(&name) {
+                    tracing::info!("sweeping leftover veth {name}");
+                    if let Err(e) = self.net.remove_sandbox(&s.run_dir.join("netns").join(".none"), &name) {
+                        tracing::warn!("sweeping veth {name}: {e}");
+                    }
+                }
+            }
+        }
+        for uid in orphans {
             tracing::info!("sweeping leftover instance {uid}");
             let row = InstanceRow {
                 uid: uid.clone(),
@@ -500,6 +536,15 @@ impl Supervisor {
             tracing::info!("{} instances keep running; they will be re-attached at the next start", self.live_count());
         }
     }
+}
+
+/// Instance uids are 12 lowercase hex digits (see `new_uid`).
+fn is_instance_uid(name: &str) -> bool {
+    name.len() == 12 && is_hex(name)
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn is_mounted(path: &Path) -> bool {
