@@ -14,14 +14,20 @@ fn only_instance(daemon: &Daemon, app: &str) -> serde_json::Value {
     instances[0].clone()
 }
 
-#[test]
-fn logs_keep_flowing_while_the_daemon_is_down_and_the_next_one_reattaches() {
+/// A daemon running app `web` (the test app) with one instance, and that instance's view.
+fn web_with_one_instance() -> (Registry, Daemon, serde_json::Value) {
     let registry = Registry::start();
     let image = common::push_testapp(&registry, "demo/testapp:1");
-    let mut daemon = Daemon::start(&registry);
+    let daemon = Daemon::start(&registry);
     daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080"]);
     daemon.cli_ok(&["app", "start", "web"]);
     let instance = only_instance(&daemon, "web");
+    (registry, daemon, instance)
+}
+
+#[test]
+fn logs_keep_flowing_while_the_daemon_is_down_and_the_next_one_reattaches() {
+    let (_registry, mut daemon, instance) = web_with_one_instance();
     let id = instance["id"].as_str().expect("id").to_string();
     let ip = instance["ip"].as_str().expect("ip").to_string();
 
@@ -46,12 +52,7 @@ fn logs_keep_flowing_while_the_daemon_is_down_and_the_next_one_reattaches() {
 
 #[test]
 fn what_a_crash_leaves_half_alive_is_cleaned_at_the_next_start() {
-    let registry = Registry::start();
-    let image = common::push_testapp(&registry, "demo/testapp:1");
-    let mut daemon = Daemon::start(&registry);
-    daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080"]);
-    daemon.cli_ok(&["app", "start", "web"]);
-    let instance = only_instance(&daemon, "web");
+    let (_registry, mut daemon, instance) = web_with_one_instance();
     let id = instance["id"].as_str().expect("id").to_string();
     let pid = instance["pid"].as_u64().expect("pid") as i32;
 

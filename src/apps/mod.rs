@@ -53,6 +53,26 @@ pub struct AppSpec {
     pub domains: Vec<String>,
 }
 
+impl AppSpec {
+    /// An app running `image`, listening on `port`, with every setting at its default.
+    pub fn new(image: impl Into<String>, port: u16) -> AppSpec {
+        AppSpec {
+            image: image.into(),
+            port,
+            env: BTreeMap::new(),
+            memory: None,
+            cpus: None,
+            pids: None,
+            cpu_weight: None,
+            stop_timeout: None,
+            volumes: Vec::new(),
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            domains: Vec::new(),
+        }
+    }
+}
+
 /// An app as stored: its current spec, the desired instance count and whether it should run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct App {
@@ -248,18 +268,10 @@ mod tests {
     #[test]
     fn spec_validation() {
         let mut s = AppSpec {
-            image: "127.0.0.1:5000/demo/httpd:1".into(),
-            port: 80,
-            env: BTreeMap::new(),
             memory: Some(128 << 20),
             cpus: Some(0.5),
-            pids: None,
-            cpu_weight: None,
-            stop_timeout: None,
-            volumes: vec![],
-            cap_add: vec![],
-            cap_drop: vec![],
             domains: vec!["example.com".into()],
+            ..AppSpec::new("127.0.0.1:5000/demo/httpd:1", 80)
         };
         assert!(s.validate().is_ok());
         s.env.insert("1BAD".into(), "x".into());

@@ -241,20 +241,7 @@ mod tests {
     use super::*;
 
     fn spec() -> AppSpec {
-        AppSpec {
-            image: "r/x:1".into(),
-            port: 80,
-            env: Default::default(),
-            memory: None,
-            cpus: None,
-            pids: None,
-            cpu_weight: None,
-            stop_timeout: None,
-            volumes: vec![],
-            cap_add: vec![],
-            cap_drop: vec![],
-            domains: vec![],
-        }
+        AppSpec::new("r/x:1", 80)
     }
 
     #[test]

@@ -1,0 +1,98 @@
+//! Runs one container to completion the way the shim does (libcontainer builder from a bundle,
+//! single-threaded, stdout/stderr on pipes, detached init that is our child), for benchmarks
+//! and profiles of the create → start → exit path (bench/start).
+//!
+//! `oneshot run BUNDLE ID STATE_ROOT`: build, start, wait for the init, delete; exits with the
+//! container's exit code (128+N when killed by signal N).
+//! `oneshot spec ROOTFS NETNS CGROUPS_PATH ARG...`: prints the production `config.json`
+//! (`deliverous_runtime::spec::render`, default capabilities and seccomp profile) for ARG...,
+//! joining the network namespace file NETNS, so every runtime compared runs the same spec.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use deliverous_runtime::spec::{self, InstanceSpec, Process, Resources};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::fcntl::OFlag;
+use nix::sys::wait::{waitpid, WaitStatus};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") if args.len() == 4 => run(&args[1], &args[2], &args[3]),
+        Some("spec") if args.len() >= 5 => print_spec(&args[1], &args[2], &args[3], &args[4..]),
+        _ => Err("usage: oneshot run BUNDLE ID STATE_ROOT | oneshot spec ROOTFS NETNS CGROUPS_PATH ARG...".into()),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            eprintln!("oneshot: {msg}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn print_spec(rootfs: &str, netns: &str, cgroups_path: &str, argv: &[String]) -> Result<u8, String> {
+    let instance = InstanceSpec {
+        hostname: "dlv-bench".into(),
+        process: Process {
+            args: argv.to_vec(),
+            env: vec![format!("PATH={}", spec::DEFAULT_PATH)],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+        },
+        rootfs: PathBuf::from(rootfs),
+        netns: PathBuf::from(netns),
+        cgroups_path: cgroups_path.into(),
+        resources: Resources::default(),
+        etc_files: vec![],
+        capabilities: spec::capabilities(&[], &[])?,
+        binds: vec![],
+        cgroup_v2: deliverous_runtime::cgroup::unified(),
+    };
+    let json = serde_json::to_string_pretty(&spec::render(&instance)).map_err(|e| e.to_string())?;
+    println!("{json}");
+    Ok(0)
+}
+
+fn run(bundle: &str, id: &str, state_root: &str) -> Result<u8, String> {
+    // As the shim: orphans of the container are ours to reap.
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument and touches no memory.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(state_root)
+        .map_err(|e| format!("libcontainer state root {state_root}: {e}"))?
+        .with_stdin(OwnedFd::from(devnull))
+        .with_stdout(out_w)
+        .with_stderr(err_w)
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| format!("cannot create container: {e}"))?;
+    if let Err(e) = container.start() {
+        let _ = container.delete(true);
+        return Err(format!("cannot start container: {e}"));
+    }
+    let pid = container.pid().ok_or("container started but has no pid")?;
+    // The shim polls the pipes; the benchmarked commands print nothing, so they are only
+    // kept open (a write end closed early would give the container EPIPE) and dropped at the end.
+    let _pipes = (out_r, err_r);
+    let code = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code as u8,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as u8,
+            Ok(_) | Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(format!("waitpid({pid}): {e}")),
+        }
+    };
+    container.delete(true).map_err(|e| format!("cannot delete container: {e}"))?;
+    Ok(code)
+}
