@@ -272,8 +272,6 @@ async fn create_app(
     let req = body(payload)?;
     apps::validate_name(&req.name).map_err(ApiError::bad_request)?;
     let spec = AppSpec {
-        image: req.image,
-        port: req.port,
         env: req.env,
         memory: match &req.memory {
             Some(m) => m.bytes()?,
@@ -287,6 +285,7 @@ async fn create_app(
         cap_add: normalize_caps(req.cap_add)?,
         cap_drop: normalize_caps(req.cap_drop)?,
         domains: req.domains,
+        ..AppSpec::new(req.image, req.port)
     };
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
