@@ -268,9 +268,12 @@ impl Supervisor {
     /// Connects to `addr` with backoff until it accepts (the instance goes into rotation), the
     /// instance is no longer starting, or `deadline` passes (then `false`).
     async fn probe_ready(&self, uid: &str, addr: SocketAddr, deadline: Option<tokio::time::Instant>) -> bool {
-        // Quick retries while a start is awaited; after that, a slow background poll.
+        // Every few milliseconds for the first two seconds (most apps are up by then, and each
+        // miss costs one refused SYN), then backing off; after the deadline, a slow background
+        // poll.
         let max_delay = if deadline.is_some() { Duration::from_millis(200) } else { Duration::from_secs(1) };
-        let mut delay = Duration::from_millis(10);
+        let fast_until = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut delay = Duration::from_millis(3);
         loop {
             let starting = lock(&self.live).get(uid).map(|l| l.state == State::Starting).unwrap_or(false);
             if !starting {
@@ -288,7 +291,9 @@ impl Supervisor {
                 return false;
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(max_delay);
+            if tokio::time::Instant::now() >= fast_until {
+                delay = (delay * 2).min(max_delay);
+            }
         }
     }
 
