@@ -149,6 +149,17 @@ pub enum Error {
         what: String,
     },
 
+    /// An image archive given to import (`docker save` tarball, OCI layout or OCI archive) cannot
+    /// be imported as it is: malformed, truncated, corrupt (a digest does not match), hostile, or
+    /// it names no image and no name was given. Nothing from it was kept.
+    #[error("cannot import {archive}: {reason}")]
+    InvalidArchive {
+        /// The archive's path.
+        archive: String,
+        /// What is wrong, and what to do about it.
+        reason: String,
+    },
+
     /// A local file system operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -183,6 +194,7 @@ impl Error {
                 | Error::InvalidCredentials { .. }
                 | Error::NoMatchingPlatform { .. }
                 | Error::LayerTooLarge { .. }
+                | Error::InvalidArchive { .. }
         )
     }
 

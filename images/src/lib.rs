@@ -11,12 +11,16 @@
 //! something that looks complete but is not. While a blob is fetched, `blobs/sha256/.lock-<hex>`
 //! is locked (`flock`), so pulls in other processes sharing the data dir wait and find it done.
 //!
+//! [`ImageStore::import`] brings images in from a file instead (`docker save` tarballs, OCI
+//! layouts and OCI archives), for hosts that cannot reach a registry.
+//!
 //! Pulls use the registry credentials found by [`CredentialFiles`] (our `auth.json`, then
 //! Docker's `config.json`); [`store_credentials`] and [`check_login`] are what a `registry login`
 //! command needs.
 
 pub mod credentials;
 mod error;
+mod import;
 mod lock;
 mod reference;
 mod registry;
@@ -29,5 +33,5 @@ pub use credentials::{
 };
 pub use error::Error;
 pub use reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};
-pub use store::{Image, ImageConfig, ImageStore, PullOptions};
+pub use store::{Image, ImageConfig, ImageStore, ImportOptions, PullOptions};
 pub use unpack::UnpackOptions;

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::credentials::CredentialFiles;
 use crate::error::IoContext;
+use crate::import::{Archive, PlannedLayer};
 use crate::lock::FileLock;
 use crate::registry::Session;
 use crate::unpack::{self, digest_hex, sync_dir, unique_suffix, Compression, StreamedLayer, UnpackOptions};
@@ -31,6 +32,15 @@ pub struct PullOptions {
     /// Registries (`host:port`, as written in references) reached over plain HTTP. Loopback
     /// registries always are.
     pub insecure_registries: Vec<String>,
+}
+
+/// How to import an image archive ([`ImageStore::import`]).
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Record the image under this name instead of the names the archive gives it. Required when
+    /// the archive names no image (a `docker save` of an image ID, an OCI layout whose
+    /// `org.opencontainers.image.ref.name` is only a tag); the archive must then hold one image.
+    pub reference: Option<Reference>,
 }
 
 /// What the image's author set for the process, from the image config.
@@ -60,7 +70,8 @@ pub struct Image {
     /// Normalised reference it was pulled as (`docker.io/library/busybox:latest`).
     pub reference: String,
     /// Digest of the platform image manifest (`sha256:…`); pulling `repository@digest` gets
-    /// exactly this image again.
+    /// exactly this image again. An image imported from a classic `docker save` archive, which
+    /// has no manifest, has its config digest here instead (Docker's image ID).
     pub digest: String,
     /// Process defaults from the image config.
     pub config: ImageConfig,
@@ -69,7 +80,7 @@ pub struct Image {
     /// Total compressed size of the layers in bytes, as the manifest declares them (what a pull
     /// downloads, not the unpacked disk usage).
     pub size: u64,
-    /// When the pull finished, RFC 3339 UTC.
+    /// When the pull (or import) finished, RFC 3339 UTC.
     pub pulled_at: String,
 }
 
@@ -289,6 +300,113 @@ impl ImageStore {
         // A failed download is the cause of whatever the unpacker then reports.
         downloaded?;
         unpacked.map(|_| ())
+    }
+
+    /// Imports the images in an archive made on another machine, for hosts that cannot reach a
+    /// registry: a `docker save` tarball (classic, or Docker 25's with an OCI layout inside), an
+    /// OCI image layout directory, or an OCI archive (a tar of a layout). An index is resolved to
+    /// this host's platform as a pull does.
+    ///
+    /// Every digest the format carries is checked (manifests, configs, layer blobs; diff_ids
+    /// always), and layers go through the same unpacker as pulled ones. The whole archive is
+    /// staged before anything is renamed into place: a corrupt or hostile archive is an
+    /// [`Error::InvalidArchive`] and leaves nothing behind. Images are recorded under the names
+    /// the archive gives them (`RepoTags`, `io.containerd.image.name`, a full
+    /// `org.opencontainers.image.ref.name`; normalised like references), or under
+    /// `opts.reference`. Returns one [`Image`] per name recorded.
+    pub async fn import(&self, path: &Path, opts: &ImportOptions) -> Result<Vec<Image>, Error> {
+        let archive_path = path.to_path_buf();
+        let name = opts.reference.clone();
+        let (archive, planned) = blocking(move || {
+            let archive = Archive::open(&archive_path)?;
+            let planned = archive.plan(name.as_ref())?;
+            Ok((archive, planned))
+        })
+        .await?;
+
+        // Each layer once, even when several images share it; only those not unpacked yet.
+        let mut todo: BTreeMap<String, PlannedLayer> = BTreeMap::new();
+        for layer in planned.iter().flat_map(|i| &i.layers) {
+            let Some(hex) = digest_hex(&layer.diff_id) else { continue };
+            if !self.layers.join(hex).is_dir() {
+                todo.entry(layer.diff_id.clone()).or_insert_with(|| layer.clone());
+            }
+        }
+        // Locked as a pull locks them (by blob digest, else by diff_id), all before any is
+        // staged, in sorted order: two imports cannot deadlock, and a pull holds one at a time.
+        let mut keys: Vec<String> = todo
+            .values()
+            .filter_map(|l| {
+                l.blob.as_ref().and_then(|b| digest_hex(&b.digest)).or_else(|| digest_hex(&l.diff_id)).map(String::from)
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut locks = Vec::with_capacity(keys.len());
+        for key in &keys {
+            locks.push(self.lock_blob(key).await?);
+        }
+
+        let (layers_dir, blobs_dir, images_dir) = (self.layers.clone(), self.blobs.clone(), self.images.clone());
+        let options = self.unpack_options;
+        tracing::info!(archive = %path.display(), images = planned.len(), layers = todo.len(), "importing");
+        blocking(move || {
+            // Released only once every layer is in place (or removed), even if the caller gave up.
+            let _locks = locks;
+            let mut staged = Vec::new();
+            for layer in todo.values() {
+                let Some(hex) = digest_hex(&layer.diff_id) else { continue };
+                if layers_dir.join(hex).is_dir() {
+                    continue;
+                }
+                let (input, _) = archive.open_member(&layer.member)?;
+                let what = format!("layer {:?} of {}", layer.member, archive.display());
+                let s = unpack::stage_layer(
+                    input,
+                    layer.blob.as_ref(),
+                    layer.compression,
+                    &layer.diff_id,
+                    &layers_dir,
+                    &options,
+                    &what,
+                )
+                .map_err(|e| archive.content_error(e))?;
+                staged.push(s);
+            }
+            // Every layer verified: make their contents durable, then their names.
+            if !staged.is_empty() {
+                unpack::syncfs(&layers_dir)?;
+            }
+            for s in staged {
+                s.commit()?;
+            }
+            sync_dir(&layers_dir)?;
+            let pulled_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let mut images = Vec::new();
+            for p in planned {
+                if let Some(hex) = digest_hex(&p.config_digest) {
+                    let blob = blobs_dir.join(hex);
+                    if !blob.is_file() {
+                        atomic_write(&blob, &p.config_bytes)?;
+                    }
+                }
+                for reference in &p.references {
+                    images.push(Image {
+                        reference: reference.to_string(),
+                        digest: p.digest.clone(),
+                        config: image_config(&p.config),
+                        layers: p.layers.iter().map(|l| l.diff_id.clone()).collect(),
+                        size: p.size,
+                        pulled_at: pulled_at.clone(),
+                    });
+                }
+            }
+            for image in &images {
+                write_record(&images_dir, image)?;
+            }
+            Ok(images)
+        })
+        .await
     }
 
     /// Waits for the exclusive right to fetch blob `hex` (see [`BlobLock`]).

@@ -164,7 +164,7 @@ fn layer_hex(diff_id: &str) -> Result<&str, Error> {
 
 /// One syncfs instead of an fsync per file: whatever is renamed into place afterwards must not
 /// survive a crash that loses its contents. It covers every file on `dir`'s file system.
-fn syncfs(dir: &Path) -> Result<(), Error> {
+pub(crate) fn syncfs(dir: &Path) -> Result<(), Error> {
     let d = File::open(dir).context(|| format!("opening {}", dir.display()))?;
     nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
         .map_err(|e| Error::io(format!("syncing the file system of {}", dir.display()), e.into()))
@@ -394,6 +394,119 @@ pub fn unpack_into_with(
     unpack_stream(&mut input, compression, diff_id, root, options, &blob.display().to_string())
 }
 
+impl Compression {
+    /// Guesses the compression of a layer that comes without a media type (a `docker save`
+    /// `layer.tar`) from its first bytes: gzip and zstd have magic numbers, a tar does not.
+    pub fn sniff(start: &[u8]) -> Compression {
+        if start.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if start.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+}
+
+/// What a staged layer's compressed blob must be, when the archive says.
+#[derive(Clone, Debug)]
+pub(crate) struct ExpectedBlob {
+    /// `sha256:…` of the blob.
+    pub(crate) digest: String,
+    /// Its size in bytes, if declared.
+    pub(crate) size: Option<u64>,
+}
+
+/// A layer unpacked and verified in a temporary directory beneath the layers dir, not yet under
+/// its diff_id name. Dropping it without [`StagedLayer::commit`] removes the directory, so a
+/// caller that stages several layers and fails half-way keeps none of them.
+#[derive(Debug)]
+pub(crate) struct StagedLayer {
+    tmp: Option<PathBuf>,
+    target: PathBuf,
+}
+
+impl StagedLayer {
+    /// Renames the layer into place (another copy that got there first is as good). Its contents
+    /// must have been synced (one syncfs of the layers dir covers every staged layer).
+    pub(crate) fn commit(mut self) -> Result<PathBuf, Error> {
+        match self.tmp.take() {
+            Some(tmp) => commit_layer(&tmp, &self.target),
+            None => Ok(self.target.clone()),
+        }
+    }
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            remove_tree(&tmp);
+        }
+    }
+}
+
+/// Unpacks the layer read from `input` into a new temporary directory of `layers_dir`: the
+/// compressed stream is hashed (and counted) as it is read and must match `blob` when given, the
+/// decompressed stream must hash to `diff_id`. `compression: None` sniffs it from the first
+/// bytes. `what` names the layer's source in messages. On error nothing is left behind.
+pub(crate) fn stage_layer(
+    input: impl Read,
+    blob: Option<&ExpectedBlob>,
+    compression: Option<Compression>,
+    diff_id: &str,
+    layers_dir: &Path,
+    options: &UnpackOptions,
+    what: &str,
+) -> Result<StagedLayer, Error> {
+    let hex = layer_hex(diff_id)?;
+    let tmp = layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
+    fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
+    // From here on the guard owns the directory.
+    let staged = StagedLayer { tmp: Some(tmp.clone()), target: layers_dir.join(hex) };
+    let mut input =
+        BufReader::with_capacity(256 << 10, HashingReader { inner: input, hasher: Sha256::new(), bytes: 0 });
+    let compression = match compression {
+        Some(c) => c,
+        None => Compression::sniff(input.fill_buf().context(|| format!("reading {what}"))?),
+    };
+    unpack_stream(&mut input, compression, diff_id, &tmp, options, what)?;
+    if let Some(blob) = blob {
+        // The compressed stream may go on past what the decompressor needed: the digest covers it.
+        io::copy(&mut input, &mut io::sink()).map_err(|e| Error::Unpack {
+            layer: diff_id.to_string(),
+            reason: format!("reading the end of {what}: {e}"),
+        })?;
+        let hashing = input.into_inner();
+        if let Some(size) = blob.size.filter(|s| *s != hashing.bytes) {
+            return Err(Error::Unpack {
+                layer: diff_id.to_string(),
+                reason: format!("{what} is {} bytes long but its descriptor declares {size}", hashing.bytes),
+            });
+        }
+        let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+        if actual != blob.digest {
+            return Err(Error::DigestMismatch { what: what.to_string(), expected: blob.digest.clone(), actual });
+        }
+    }
+    Ok(staged)
+}
+
+/// Hashes and counts the bytes read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes = self.bytes.saturating_add(n as u64);
+        Ok(n)
+    }
+}
+
 /// Decompresses `input` and extracts it into `root`, checking the uncompressed stream's sha256.
 /// Reads the decompressed stream to its end; `input` may have bytes left after the compressed
 /// data (the caller decides what they mean). `what` names the blob in messages.
@@ -560,12 +673,23 @@ fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter) -
         meter.headers.set(None);
         let Some(entry) = next else { break };
         let mut entry = entry.map_err(|e| meter.stop(format!("reading the next tar entry: {e}")))?;
-        let raw = entry.path().map_err(|e| Stop::Invalid(format!("entry with an unreadable path: {e}")))?.into_owned();
+        let sparse = pax_sparse(&mut entry).map_err(|e| {
+            let path = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            Stop::Invalid(format!("entry {path:?}: {e}"))
+        })?;
+        // A PAX sparse file's header carries a made-up name (`GNUSparseFile.<pid>/name`, so tars
+        // that do not know the format extract something harmless); the real one is a record.
+        let raw = match sparse.as_ref().and_then(|s| s.name.clone()) {
+            Some(name) => name,
+            None => {
+                entry.path().map_err(|e| Stop::Invalid(format!("entry with an unreadable path: {e}")))?.into_owned()
+            }
+        };
         let name = raw.display().to_string();
 
         let kind = entry.header().entry_type();
         if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse) {
-            let size = entry.size();
+            let size = sparse.as_ref().map_or_else(|| entry.size(), |s| s.real_size);
             file_bytes = file_bytes.saturating_add(size);
             if file_bytes > meter.limit {
                 return Err(Stop::TooLarge(format!(
@@ -573,7 +697,7 @@ fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter) -
                 )));
             }
         }
-        extract_entry(&mut entry, &raw, root, &mut dir_times)
+        extract_entry(&mut entry, &raw, root, &mut dir_times, sparse.as_ref())
             .map_err(|e| meter.stop(format!("entry {name:?}: {e}")))?;
         // Data the entry's kind does not use (a directory with a size, say) is skipped here, so
         // it counts as data, not as the next entry's headers.
@@ -588,8 +712,12 @@ fn extract_entry<R: Read>(
     raw: &Path,
     root: &Path,
     dir_times: &mut DirTimes,
+    sparse: Option<&PaxSparse>,
 ) -> Result<(), String> {
     let kind = entry.header().entry_type();
+    if sparse.is_some() && !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+        return Err(format!("GNU sparse PAX records on a {kind:?} entry; only regular files can be sparse"));
+    }
     let components = sanitize(raw)?;
     let meta = read_meta(entry)?;
 
@@ -645,10 +773,13 @@ fn extract_entry<R: Read>(
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| format!("creating file: {e}"))?;
-            let size = entry.size();
-            let written =
-                if kind == T::GNUSparse { write_sparse(entry, &mut file) } else { io::copy(entry, &mut file) }
-                    .map_err(|e| format!("writing file contents: {e}"))?;
+            let size = sparse.map_or_else(|| entry.size(), |s| s.real_size);
+            let written = match sparse {
+                Some(s) => write_pax_sparse(entry, &mut file, s),
+                None if kind == T::GNUSparse => write_sparse(entry, &mut file),
+                None => io::copy(entry, &mut file),
+            }
+            .map_err(|e| format!("writing file contents: {e}"))?;
             if written != size {
                 return Err(format!("the layer stream ends inside this entry, after {written} of its {size} bytes"));
             }
@@ -738,6 +869,174 @@ fn write_sparse(entry: &mut impl Read, file: &mut File) -> io::Result<u64> {
     // A trailing hole: seeking alone does not extend the file.
     file.set_len(size)?;
     Ok(size)
+}
+
+/// A sparse file in one of the PAX formats GNU tar writes (`--format=posix --sparse`; 1.0 is its
+/// default, 0.0 and 0.1 are older). The `tar` crate only decodes the old GNU `S` entries; Go's
+/// `archive/tar` (Docker, containerd, umoci) decodes these too, so we must, or we would extract
+/// a file under a made-up name holding the sparse map.
+#[derive(Debug)]
+struct PaxSparse {
+    /// `GNU.sparse.name`: the real path.
+    name: Option<PathBuf>,
+    /// The file's size, holes included.
+    real_size: u64,
+    /// (offset, length) of each data extent; `None` for 1.0, which stores it at the start of the
+    /// entry's data.
+    map: Option<Vec<(u64, u64)>>,
+}
+
+/// Most extents one sparse file may list; the map of a real one is a few lines.
+const MAX_SPARSE_EXTENTS: usize = 1 << 16;
+
+const PAX_SPARSE_PREFIX: &str = "GNU.sparse.";
+
+/// Reads the `GNU.sparse.*` PAX records of an entry, if it has any.
+fn pax_sparse<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<PaxSparse>, String> {
+    let Some(pax) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? else {
+        return Ok(None);
+    };
+    let number = |key: &str, v: &[u8]| -> Result<u64, String> {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("PAX record {PAX_SPARSE_PREFIX}{key} is not a number"))
+    };
+    let (mut seen, mut major, mut minor, mut name) = (false, None, None, None);
+    let (mut real_size, mut size, mut map, mut offsets, mut lengths) = (None, None, None, Vec::new(), Vec::new());
+    for ext in pax {
+        let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
+        let Some(key) = ext.key().ok().and_then(|k| k.strip_prefix(PAX_SPARSE_PREFIX)) else { continue };
+        seen = true;
+        let v = ext.value_bytes();
+        match key {
+            "major" => major = Some(number(key, v)?),
+            "minor" => minor = Some(number(key, v)?),
+            "name" => name = Some(PathBuf::from(OsStr::from_bytes(v))),
+            "realsize" => real_size = Some(number(key, v)?),
+            "size" => size = Some(number(key, v)?),
+            "map" => {
+                let numbers = std::str::from_utf8(v)
+                    .ok()
+                    .map(|v| v.split(',').map(|n| n.trim().parse::<u64>().ok()).collect::<Option<Vec<_>>>())
+                    .and_then(|n| n.filter(|n| n.len() % 2 == 0))
+                    .ok_or("PAX record GNU.sparse.map is not a list of offset,length pairs")?;
+                map = Some(numbers.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
+            }
+            "offset" => offsets.push(number(key, v)?),
+            "numbytes" => lengths.push(number(key, v)?),
+            _ => {}
+        }
+    }
+    if !seen {
+        return Ok(None);
+    }
+    let map = match (major, minor) {
+        (Some(1), Some(0)) => None,
+        (Some(1), _) | (Some(2..), _) => {
+            return Err(format!("GNU sparse format {major:?}.{minor:?} is unknown; expected 0.0, 0.1 or 1.0"))
+        }
+        _ => match map {
+            Some(map) => Some(map),
+            None if offsets.len() == lengths.len() => Some(offsets.into_iter().zip(lengths).collect()),
+            None => return Err("GNU sparse 0.0 records list offsets and lengths in different numbers".into()),
+        },
+    };
+    let real_size = real_size.or(size).ok_or("GNU sparse PAX records without the file's size")?;
+    if let Some(map) = &map {
+        check_sparse_map(map, real_size)?;
+    }
+    Ok(Some(PaxSparse { name, real_size, map }))
+}
+
+/// Extents must be in order, not overlap, and end within the file.
+fn check_sparse_map(map: &[(u64, u64)], real_size: u64) -> Result<(), String> {
+    if map.len() > MAX_SPARSE_EXTENTS {
+        return Err(format!("the sparse map lists {} extents; at most {MAX_SPARSE_EXTENTS} are accepted", map.len()));
+    }
+    let mut end = 0u64;
+    for (offset, length) in map {
+        if *offset < end {
+            return Err(format!("sparse extent at {offset} overlaps or precedes the one before it"));
+        }
+        end = offset.checked_add(*length).filter(|e| *e <= real_size).ok_or_else(|| {
+            format!("sparse extent at {offset} of {length} bytes ends past the file's size of {real_size}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads the map GNU sparse 1.0 keeps at the start of the entry's data: decimal numbers, one per
+/// line (the number of extents, then offset and length of each), padded to a 512-byte block.
+fn read_sparse_map_1_0(entry: &mut impl Read, real_size: u64) -> io::Result<(Vec<(u64, u64)>, u64)> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut consumed: u64 = 0;
+    let mut numbers: Vec<u64> = Vec::new();
+    let mut wanted: Option<usize> = None;
+    let mut digits = String::new();
+    let mut block = [0u8; 512];
+    while wanted.is_none_or(|w| numbers.len() < w) {
+        if consumed >= MAX_ENTRY_HEADER_BYTES {
+            return Err(invalid(format!("the sparse map is longer than {MAX_ENTRY_HEADER_BYTES} bytes")));
+        }
+        entry.read_exact(&mut block).map_err(|e| invalid(format!("reading the sparse map: {e}")))?;
+        consumed += 512;
+        for &b in &block {
+            if wanted.is_some_and(|w| numbers.len() >= w) {
+                break;
+            }
+            match b {
+                b'0'..=b'9' if digits.len() < 20 => digits.push(char::from(b)),
+                b'\n' if !digits.is_empty() => {
+                    let n: u64 =
+                        digits.parse().map_err(|_| invalid(format!("bad number {digits:?} in the sparse map")))?;
+                    digits.clear();
+                    numbers.push(n);
+                    if wanted.is_none() {
+                        let count = usize::try_from(n).ok().filter(|c| *c <= MAX_SPARSE_EXTENTS).ok_or_else(|| {
+                            invalid(format!(
+                                "the sparse map lists {n} extents; at most {MAX_SPARSE_EXTENTS} are accepted"
+                            ))
+                        })?;
+                        wanted = Some(1 + 2 * count);
+                    }
+                }
+                _ => return Err(invalid("the sparse map is not decimal numbers, one per line".into())),
+            }
+        }
+    }
+    let map: Vec<(u64, u64)> = numbers[1..].chunks(2).map(|p| (p[0], p[1])).collect();
+    check_sparse_map(&map, real_size).map_err(invalid)?;
+    Ok((map, consumed))
+}
+
+/// Writes a PAX sparse file: each extent's data at its offset, holes left as holes. Returns the
+/// file's size; fails if the entry's data is not exactly the extents' (after the 1.0 map).
+fn write_pax_sparse(entry: &mut tar::Entry<'_, impl Read>, file: &mut File, sparse: &PaxSparse) -> io::Result<u64> {
+    let stored = entry.size();
+    let (map, map_bytes) = match &sparse.map {
+        Some(map) => (map.clone(), 0),
+        None => read_sparse_map_1_0(entry, sparse.real_size)?,
+    };
+    let data: u64 = map.iter().map(|(_, l)| *l).sum();
+    if map_bytes.checked_add(data) != Some(stored) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the sparse map lists {data} bytes of data but the entry holds {}",
+                stored.saturating_sub(map_bytes)
+            ),
+        ));
+    }
+    for (offset, length) in map {
+        file.seek(SeekFrom::Start(offset))?;
+        let copied = io::copy(&mut entry.take(length), file)?;
+        if copied != length {
+            return Ok(offset + copied);
+        }
+    }
+    file.set_len(sparse.real_size)?;
+    Ok(sparse.real_size)
 }
 
 /// Turns a tar path into components relative to the layer root. A leading `/` is dropped (tar
@@ -869,7 +1168,12 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
         let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
         let Ok(key) = ext.key() else { continue };
         if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
-            meta.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            // POSIX: a record with an empty value deletes the keyword, it sets nothing. Go's
+            // archive/tar (Docker, containerd, umoci) reads it so: no xattr.
+            meta.xattrs.retain(|(n, _)| n != name);
+            if !ext.value_bytes().is_empty() {
+                meta.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
             continue;
         }
         // PAX carries ids and times that do not fit the ustar fields.

@@ -224,7 +224,7 @@ pub struct Pushed {
     pub config_digest: String,
 }
 
-fn sha256(data: &[u8]) -> String {
+pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
@@ -234,16 +234,31 @@ pub fn push(registry: &Registry, repo_tag: &str, layers: &[Vec<u8>], creds: Opti
     push_to(registry.addr(), repo_tag, layers, creds)
 }
 
-/// [`push`] to a registry at `addr` (`127.0.0.1:PORT`) that this process did not start.
-pub fn push_to(addr: &str, repo_tag: &str, layers: &[Vec<u8>], creds: Option<&str>) -> Pushed {
-    let layout = tempfile::tempdir().unwrap();
-    let blobs = layout.path().join("blobs/sha256");
+/// An OCI image layout written by [`write_layout`].
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// `sha256:…` of the image manifest.
+    pub manifest_digest: String,
+    /// `sha256:…` of each compressed layer, bottom first.
+    pub layer_digests: Vec<String>,
+    /// `sha256:…` of each uncompressed layer, bottom first.
+    pub diff_ids: Vec<String>,
+    pub config_digest: String,
+}
+
+/// Writes `data` as `blobs/sha256/<hex>` of the layout at `dir`; returns its digest.
+pub fn put_blob(dir: &Path, data: &[u8]) -> String {
+    let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8]| {
-        let digest = sha256(data);
-        std::fs::write(blobs.join(&digest[7..]), data).unwrap();
-        digest
-    };
+    let digest = sha256(data);
+    std::fs::write(blobs.join(&digest[7..]), data).unwrap();
+    digest
+}
+
+/// Writes the blobs of an image (`layers`: gzip tars, bottom first) into the OCI layout at `dir`
+/// (manifest, config, layers) without touching `index.json`. `platform` is `(os, arch)` for the
+/// config (default: this host's).
+pub fn write_image_blobs(dir: &Path, layers: &[Vec<u8>], platform: Option<(&str, &str)>) -> Layout {
     let mut diff_ids = Vec::new();
     let mut descriptors = Vec::new();
     let mut layer_digests = Vec::new();
@@ -251,19 +266,20 @@ pub fn push_to(addr: &str, repo_tag: &str, layers: &[Vec<u8>], creds: Option<&st
         let mut tar = Vec::new();
         flate2::read::MultiGzDecoder::new(l.as_slice()).read_to_end(&mut tar).unwrap();
         diff_ids.push(sha256(&tar));
-        let digest = put(l);
+        let digest = put_blob(dir, l);
         descriptors.push(json!({
             "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": l.len()
         }));
         layer_digests.push(digest);
     }
+    let (os, architecture) = platform.unwrap_or(("linux", arch()));
     let config = serde_json::to_vec(&json!({
-        "architecture": arch(), "os": "linux",
+        "architecture": architecture, "os": os,
         "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))
     .unwrap();
-    let config_digest = put(&config);
+    let config_digest = put_blob(dir, &config);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -271,21 +287,35 @@ pub fn push_to(addr: &str, repo_tag: &str, layers: &[Vec<u8>], creds: Option<&st
         "layers": descriptors,
     }))
     .unwrap();
-    let manifest_digest = put(&manifest);
-    let (repo, tag) = repo_tag.rsplit_once(':').expect("repo:tag");
+    let manifest_digest = put_blob(dir, &manifest);
+    Layout { manifest_digest, layer_digests, diff_ids, config_digest }
+}
+
+/// Writes an OCI image layout at `dir` holding one image (`layers`: gzip tars, bottom first),
+/// its index entry annotated with `org.opencontainers.image.ref.name` = `ref_name` if given.
+pub fn write_layout(dir: &Path, layers: &[Vec<u8>], ref_name: Option<&str>) -> Layout {
+    let layout = write_image_blobs(dir, layers, None);
+    let size = std::fs::metadata(dir.join("blobs/sha256").join(&layout.manifest_digest[7..])).unwrap().len();
+    let mut entry = json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": layout.manifest_digest, "size": size,
+    });
+    if let Some(name) = ref_name {
+        entry["annotations"] = json!({"org.opencontainers.image.ref.name": name});
+    }
     std::fs::write(
-        layout.path().join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-                "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": tag}
-            }],
-        }))
-        .unwrap(),
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [entry]})).unwrap(),
     )
     .unwrap();
-    std::fs::write(layout.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layout
+}
+
+/// [`push`] to a registry at `addr` (`127.0.0.1:PORT`) that this process did not start.
+pub fn push_to(addr: &str, repo_tag: &str, layers: &[Vec<u8>], creds: Option<&str>) -> Pushed {
+    let layout = tempfile::tempdir().unwrap();
+    let (repo, tag) = repo_tag.rsplit_once(':').expect("repo:tag");
+    let written = write_layout(layout.path(), layers, Some(tag));
 
     let src = format!("oci:{}:{tag}", layout.path().display());
     let dest = format!("docker://{addr}/{repo}:{tag}");
@@ -301,10 +331,34 @@ pub fn push_to(addr: &str, repo_tag: &str, layers: &[Vec<u8>], creds: Option<&st
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    Pushed { reference: format!("{addr}/{repo_tag}"), layer_digests, config_digest }
+    Pushed {
+        reference: format!("{addr}/{repo_tag}"),
+        layer_digests: written.layer_digests,
+        config_digest: written.config_digest,
+    }
 }
 
-fn arch() -> &'static str {
+/// Runs `skopeo copy SRC DEST` (no signature policy), panicking with its output if it fails.
+pub fn skopeo_copy(src: &str, dest: &str) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy", "--quiet"]);
+    let out = run(cmd.arg(src).arg(dest), Duration::from_secs(180));
+    assert!(
+        out.status.success(),
+        "skopeo copy {src} {dest} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A tar of every file under `dir`, named relative to it (an OCI archive of a layout).
+pub fn tar_dir(dir: &Path) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_dir_all(".", dir).unwrap();
+    tar.into_inner().unwrap()
+}
+
+pub fn arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
