@@ -54,6 +54,9 @@ pub struct DaemonArgs {
     /// Rotated log files kept per instance, besides the current one.
     #[arg(long = "log-keep", default_value_t = 3)]
     log_keep: u32,
+    /// Revisions kept per app for rollback; images only older ones used are removed.
+    #[arg(long = "keep-revisions", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_revisions: u32,
     /// Host path apps may mount read-only with `--volume /host/path:/path` (repeatable; none by
     /// default).
     #[arg(long = "allow-bind", value_name = "PATH")]
@@ -158,6 +161,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         log_keep: args.log_keep,
         ready_timeout: Duration::from_secs(30),
         allow_binds: args.allow_binds.clone(),
+        keep_revisions: args.keep_revisions,
     };
     let sup = Supervisor::new(settings, store, images, net, routes.clone());
     sup.recover().await.context("cannot recover instances from the previous run")?;

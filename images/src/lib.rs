@@ -33,5 +33,5 @@ pub use credentials::{
 };
 pub use error::Error;
 pub use reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};
-pub use store::{Image, ImageConfig, ImageStore, ImportOptions, PullOptions};
+pub use store::{Image, ImageConfig, ImageStore, ImportOptions, PruneReport, PullOptions};
 pub use unpack::UnpackOptions;

@@ -1,7 +1,7 @@
 //! The image store: owns the data dir layout (blobs, layers, index), runs a pull from manifest to
 //! unpacked layers, and answers local lookups.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -82,6 +82,19 @@ pub struct Image {
     pub size: u64,
     /// When the pull (or import) finished, RFC 3339 UTC.
     pub pulled_at: String,
+    /// Blobs kept for this image in the blob store (compressed layers, config), so that
+    /// [`ImageStore::prune`] knows which ones are still wanted.
+    #[serde(default)]
+    pub blobs: Vec<String>,
+}
+
+/// What [`ImageStore::prune`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    pub layers: usize,
+    pub blobs: usize,
+    /// Bytes of the files removed.
+    pub bytes: u64,
 }
 
 /// The local image store under one data dir. Cheap to share (`Arc<ImageStore>`); all methods
@@ -98,6 +111,9 @@ pub struct ImageStore {
     unpack_options: UnpackOptions,
     /// Where pulls find registry credentials.
     credentials: CredentialFiles,
+    /// Pulls and imports hold it shared, [`ImageStore::prune`] exclusively: a layer unpacked
+    /// for a record not written yet is never pruned.
+    gc: tokio::sync::RwLock<()>,
 }
 
 type BlobLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
@@ -135,6 +151,7 @@ impl ImageStore {
             blob_locks: BlobLocks::default(),
             unpack_options: UnpackOptions::default(),
             credentials: CredentialFiles::default(),
+            gc: tokio::sync::RwLock::new(()),
         };
         for dir in [&store.blobs, &store.layers, &store.images] {
             fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
@@ -170,6 +187,7 @@ impl ImageStore {
     /// in the index and returns it. Uses the credentials stored for the registry, if any (read at
     /// each pull, so a new login needs no restart), and pulls anonymously otherwise.
     pub async fn pull(&self, reference: &Reference, opts: &PullOptions) -> Result<Image, Error> {
+        let _gc = self.gc.read().await;
         let credentials = self.credentials.clone();
         let registry = reference.registry().to_string();
         let credential = blocking(move || credentials.lookup(&registry)).await?;
@@ -225,6 +243,7 @@ impl ImageStore {
             layers: diff_ids,
             size,
             pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            blobs: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
         };
         let images = self.images.clone();
         let record = image.clone();
@@ -315,6 +334,7 @@ impl ImageStore {
     /// `org.opencontainers.image.ref.name`; normalised like references), or under
     /// `opts.reference`. Returns one [`Image`] per name recorded.
     pub async fn import(&self, path: &Path, opts: &ImportOptions) -> Result<Vec<Image>, Error> {
+        let _gc = self.gc.read().await;
         let archive_path = path.to_path_buf();
         let name = opts.reference.clone();
         let (archive, planned) = blocking(move || {
@@ -398,6 +418,7 @@ impl ImageStore {
                         layers: p.layers.iter().map(|l| l.diff_id.clone()).collect(),
                         size: p.size,
                         pulled_at: pulled_at.clone(),
+                        blobs: vec![p.config_digest.clone()],
                     });
                 }
             }
@@ -485,10 +506,93 @@ impl ImageStore {
         image.layers.iter().filter_map(|d| digest_hex(d)).map(|hex| self.layers.join(hex)).collect()
     }
 
+    /// Forgets the image recorded under exactly `reference` (its layers stay until
+    /// [`ImageStore::prune`]). Returns it, or `None` if there was none.
+    pub fn remove(&self, reference: &Reference) -> Result<Option<Image>, Error> {
+        let path = record_path(&self.images, &reference.to_string());
+        let Some(image) = read_record(&path)? else {
+            return Ok(None);
+        };
+        fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+        Ok(Some(image))
+    }
+
+    /// Removes every layer and blob no image record refers to, and what interrupted pulls left
+    /// (`.tmp-*`). Layers still mounted (a lower dir of an overlay) are kept whatever the records
+    /// say. Waits for running pulls and imports, and holds off new ones meanwhile.
+    pub async fn prune(&self) -> Result<PruneReport, Error> {
+        let _gc = self.gc.write().await;
+        let images = self.list()?;
+        let (layers_dir, blobs_dir) = (self.layers.clone(), self.blobs.clone());
+        blocking(move || {
+            let wanted_layers: HashSet<String> =
+                images.iter().flat_map(|i| &i.layers).filter_map(|d| digest_hex(d)).map(String::from).collect();
+            let wanted_blobs: HashSet<String> =
+                images.iter().flat_map(|i| &i.blobs).filter_map(|d| digest_hex(d)).map(String::from).collect();
+            let mounted = mounted_lower_dirs();
+            let mut report = PruneReport::default();
+            for entry in fs::read_dir(&layers_dir).context(|| format!("listing {}", layers_dir.display()))?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                if wanted_layers.contains(&name) || mounted.contains(&path) {
+                    continue;
+                }
+                let bytes = tree_size(&path);
+                fs::remove_dir_all(&path).context(|| format!("removing layer {}", path.display()))?;
+                report.layers += 1;
+                report.bytes += bytes;
+            }
+            for entry in fs::read_dir(&blobs_dir).context(|| format!("listing {}", blobs_dir.display()))?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Lock files belong to whoever holds them; they remove them.
+                if wanted_blobs.contains(&name) || name.starts_with(".lock-") {
+                    continue;
+                }
+                let path = entry.path();
+                let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                removed.context(|| format!("removing blob {}", path.display()))?;
+                report.blobs += 1;
+                report.bytes += bytes;
+            }
+            Ok(report)
+        })
+        .await
+    }
+
     /// Where blob `digest` is (or would be) stored.
     pub fn blob_path(&self, digest: &str) -> Option<PathBuf> {
         digest_hex(digest).map(|hex| self.blobs.join(hex))
     }
+}
+
+/// Lower dirs of the overlay mounts of this host (from /proc/self/mountinfo).
+fn mounted_lower_dirs() -> HashSet<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| line.split_once(" - "))
+        .filter(|(_, post)| post.starts_with("overlay "))
+        .flat_map(|(_, post)| {
+            post.split([',', ' '])
+                .filter_map(|opt| opt.strip_prefix("lowerdir="))
+                .flat_map(|dirs| dirs.split(':'))
+                .map(|d| PathBuf::from(d.replace("\\040", " ")))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Bytes of the regular files below `path` (symlinks not followed).
+fn tree_size(path: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn image_config(config: &ImageConfiguration) -> ImageConfig {
@@ -571,7 +675,35 @@ mod tests {
             layers: vec![format!("sha256:{}", "a".repeat(64))],
             size: 42,
             pulled_at: "2024-01-01T00:00:00Z".into(),
+            blobs: vec![],
         }
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_what_records_use_and_remove_forgets_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let mut image = sample("docker.io/library/busybox:1", &format!("sha256:{}", "d".repeat(64)));
+        image.blobs = vec![format!("sha256:{}", "c".repeat(64))];
+        write_record(&store.images, &image).unwrap();
+        for hex in ["a", "b"] {
+            fs::create_dir_all(store.layers.join(hex.repeat(64)).join("etc")).unwrap();
+            fs::write(store.layers.join(hex.repeat(64)).join("etc/f"), b"12345").unwrap();
+        }
+        fs::create_dir_all(store.layers.join(".tmp-x-1")).unwrap();
+        for hex in ["c", "e"] {
+            fs::write(store.blobs.join(hex.repeat(64)), b"blob").unwrap();
+        }
+        let report = store.prune().await.unwrap();
+        assert_eq!(report, PruneReport { layers: 2, blobs: 1, bytes: 5 + 4 });
+        assert!(store.layers.join("a".repeat(64)).is_dir() && !store.layers.join("b".repeat(64)).exists());
+        assert!(store.blobs.join("c".repeat(64)).is_file() && !store.blobs.join("e".repeat(64)).exists());
+
+        let reference = Reference::parse("busybox:1").unwrap();
+        assert_eq!(store.remove(&reference).unwrap().map(|i| i.digest), Some(image.digest.clone()));
+        assert!(store.remove(&reference).unwrap().is_none());
+        let report = store.prune().await.unwrap();
+        assert_eq!((report.layers, report.blobs), (1, 1), "nothing refers to them any more");
     }
 
     #[test]

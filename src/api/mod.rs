@@ -259,6 +259,9 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/scale", put(scale_app))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/rm", post(remove_image))
+        .route("/v1/images/import", post(import_image))
+        .route("/v1/images/prune", post(prune_images))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", delete(remove_volume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
@@ -333,6 +336,7 @@ async fn deploy(sup: &Arc<Supervisor>, mut app: App, spec: AppSpec) -> Result<Ap
         }
         return Err(e.into());
     }
+    sup.collect_garbage(&app.name, Vec::new());
     Ok(app)
 }
 
@@ -443,8 +447,10 @@ async fn remove_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>
     app.running = false;
     sup.store().update_app(&app)?;
     sup.converge(&name).await?;
+    let digests = sup.store().app_digests(&name)?;
     sup.store().delete_app(&name)?;
     sup.publish_routes();
+    sup.collect_garbage(&name, digests);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -537,7 +543,77 @@ async fn remove_volume(State(sup): State<Arc<Supervisor>>, Path(name): Path<Stri
 
 async fn list_images(State(sup): State<Arc<Supervisor>>) -> Result<Json<Value>, ApiError> {
     let images = sup.images().list().map_err(SupervisorError::from)?;
+    let in_use = sup.store().digests_in_use()?;
+    let mut out = Vec::new();
+    for image in images {
+        let used_by = in_use.get(&image.digest).cloned().unwrap_or_default();
+        let mut v =
+            serde_json::to_value(image).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        v["used_by"] = json!(used_by);
+        out.push(v);
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// `image rm`: refused while a revision (current or kept for rollback) uses the image.
+async fn remove_image(
+    State(sup): State<Arc<Supervisor>>,
+    payload: Result<Json<Pull>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req = body(payload)?;
+    let reference = deliverous_images::Reference::parse(&req.reference).map_err(SupervisorError::from)?;
+    let Some(image) = sup.images().get(&reference).map_err(SupervisorError::from)? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no local image {reference}: see `deliverous image ls`"),
+        ));
+    };
+    if let Some(apps) = sup.store().digests_in_use()?.get(&image.digest) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "image {} is used by {} (current or kept revisions): remove those apps first",
+                image.reference,
+                apps.join(", ")
+            ),
+        ));
+    }
+    let recorded = deliverous_images::Reference::parse(&image.reference).map_err(SupervisorError::from)?;
+    sup.images().remove(&recorded).map_err(SupervisorError::from)?;
+    let report = sup.images().prune().await.map_err(SupervisorError::from)?;
+    Ok(Json(json!({"removed": image.reference, "pruned": report})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Import {
+    /// Absolute path, on the daemon's host, of the archive or layout directory.
+    pub path: std::path::PathBuf,
+    pub reference: Option<String>,
+}
+
+/// `image import`: a `docker save` tarball, an OCI archive or layout on this host.
+async fn import_image(
+    State(sup): State<Arc<Supervisor>>,
+    payload: Result<Json<Import>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req = body(payload)?;
+    if !req.path.is_absolute() {
+        return Err(ApiError::bad_request(format!("the path {} must be absolute", req.path.display())));
+    }
+    let reference = match &req.reference {
+        Some(r) => Some(deliverous_images::Reference::parse(r).map_err(SupervisorError::from)?),
+        None => None,
+    };
+    let opts = deliverous_images::ImportOptions { reference };
+    let images = sup.images().import(&req.path, &opts).await.map_err(SupervisorError::from)?;
     Ok(Json(serde_json::to_value(images).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?))
+}
+
+/// `image prune`: layers and blobs no image uses.
+async fn prune_images(State(sup): State<Arc<Supervisor>>) -> Result<Json<Value>, ApiError> {
+    let report = sup.images().prune().await.map_err(SupervisorError::from)?;
+    Ok(Json(json!(report)))
 }
 
 async fn pull_image(

@@ -160,6 +160,47 @@ impl Store {
         row.map(raw_to_revision).transpose()
     }
 
+    /// Forgets all but the `keep` newest revisions of `app` (kept for rollback), never the app's
+    /// current revision nor one an instance still runs. Returns the image digests of those
+    /// forgotten.
+    pub fn prune_revisions(&self, app: &str, keep: u32) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let doomed = "FROM revisions WHERE app = ?1
+               AND number NOT IN (SELECT number FROM revisions WHERE app = ?1 ORDER BY number DESC LIMIT ?2)
+               AND number NOT IN (SELECT revision FROM instances WHERE app = ?1)
+               AND number IS NOT (SELECT revision FROM apps WHERE name = ?1)";
+        let digests = {
+            let mut stmt = tx.prepare(&format!("SELECT digest {doomed}"))?;
+            let rows = stmt.query_map(params![app, keep], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute(&format!("DELETE {doomed}"), params![app, keep])?;
+        tx.commit()?;
+        Ok(digests)
+    }
+
+    /// Image digests of all of `app`'s revisions.
+    pub fn app_digests(&self, app: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT digest FROM revisions WHERE app = ?1")?;
+        let rows = stmt.query_map(params![app], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Image digests that some revision still refers to, with the apps referring to each.
+    pub fn digests_in_use(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT digest, app FROM revisions ORDER BY digest, app")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut used: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for row in rows {
+            let (digest, app) = row?;
+            used.entry(digest).or_default().push(app);
+        }
+        Ok(used)
+    }
+
     /// Records a new instance and leases it the lowest free address of `hosts`.
     pub fn insert_instance(
         &self,
@@ -272,5 +313,30 @@ mod tests {
         assert_eq!(s.instances().expect("instances").len(), 3);
         assert!(s.delete_app("web").expect("delete"));
         assert!(s.revision("web", 1).expect("query").is_none());
+    }
+
+    #[test]
+    fn old_revisions_are_pruned_but_never_the_current_or_a_running_one() {
+        let store = Store::open(&tempfile::tempdir().unwrap().path().join("s.db")).unwrap();
+        let mut spec = spec();
+        assert!(store.create_app("web", &spec, 1).unwrap());
+        for n in 1..=6 {
+            spec.env.insert("N".into(), n.to_string());
+            let rev = store.revision_for("web", "r/x:1", &format!("sha256:{n}"), &spec).unwrap();
+            assert_eq!(rev.number, n);
+        }
+        // Revision 2 still has an instance; revision 1 is the current one (a rollback).
+        store.insert_instance("u2", "web", 1, 2, ["10.0.0.2".parse().unwrap()].into_iter()).unwrap();
+        let mut app = store.app("web").unwrap().unwrap();
+        app.revision = Some(1);
+        store.update_app(&app).unwrap();
+        assert_eq!(store.prune_revisions("web", 3).unwrap(), ["sha256:3"], "only revision 3 may go");
+        assert_eq!(store.app_digests("web").unwrap().len(), 5);
+        let used = store.digests_in_use().unwrap();
+        let kept: Vec<&str> = used.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["sha256:1", "sha256:2", "sha256:4", "sha256:5", "sha256:6"]);
+        assert_eq!(used["sha256:6"], ["web"]);
+        store.delete_app("web").unwrap();
+        assert!(store.digests_in_use().unwrap().is_empty(), "an app's revisions go with it");
     }
 }

@@ -117,11 +117,27 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List local images.
+    /// List local images, with the apps whose revisions use them.
     Ls {
         #[arg(long)]
         json: bool,
     },
+    /// Import images from a `docker save` tarball, an OCI archive or an OCI layout directory
+    /// (air-gapped hosts). The daemon reads FILE: it must be on this host.
+    #[command(after_help = "Examples:\n  docker save web:1.4 -o web.tar && deliverous image import web.tar\n  \
+        deliverous image import ./oci-layout --name registry.example.com/acme/web:1.4")]
+    Import {
+        file: std::path::PathBuf,
+        /// Name for the image when the archive names none (or to override its name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a local image (refused while an app's current or kept revision uses it).
+    Rm { reference: String },
+    /// Remove layers and blobs no local image uses.
+    Prune,
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,12 +357,40 @@ pub async fn run_image(host: &Host, cmd: ImageCommand) -> ExitCode {
                             i["layers"].as_array().map(|l| l.len()).unwrap_or(0).to_string(),
                             i["size"].as_u64().map(crate::apps::format_bytes).unwrap_or_default(),
                             s(&i["pulled_at"]),
+                            list(&i["used_by"]),
                         ]
                     })
                     .collect();
-                table(&["REFERENCE", "DIGEST", "LAYERS", "SIZE", "PULLED"], rows);
+                table(&["REFERENCE", "DIGEST", "LAYERS", "SIZE", "PULLED", "USED BY"], rows);
             }
         }),
+        ImageCommand::Import { file, name, json } => {
+            let path = match std::path::absolute(&file) {
+                Ok(p) => p,
+                Err(e) => return usage(format!("{}: {e}", file.display())),
+            };
+            let mut body = json!({"path": path});
+            if let Some(n) = name {
+                body["reference"] = json!(n);
+            }
+            call(host, Method::POST, "/v1/images/import", Some(body)).await.map(|imgs| {
+                if json {
+                    print_json(&imgs);
+                } else {
+                    for img in imgs.as_array().into_iter().flatten() {
+                        println!("imported {}@{}", s(&img["reference"]), s(&img["digest"]));
+                    }
+                }
+            })
+        }
+        ImageCommand::Rm { reference } => {
+            call(host, Method::POST, "/v1/images/rm", Some(json!({"reference": reference}))).await.map(|r| {
+                println!("removed {}; {}", s(&r["removed"]), pruned(&r["pruned"]));
+            })
+        }
+        ImageCommand::Prune => {
+            call(host, Method::POST, "/v1/images/prune", None).await.map(|r| println!("{}", pruned(&r)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -397,6 +441,15 @@ fn add_settings(body: &mut Value, settings: &Settings) {
             body[key] = json!(caps);
         }
     }
+}
+
+fn pruned(report: &Value) -> String {
+    format!(
+        "freed {} ({} layers, {} blobs)",
+        report["bytes"].as_u64().map(crate::apps::format_bytes).unwrap_or_default(),
+        report["layers"],
+        report["blobs"]
+    )
 }
 
 fn list(v: &Value) -> String {

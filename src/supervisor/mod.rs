@@ -35,6 +35,9 @@ pub struct Settings {
     pub ready_timeout: Duration,
     /// Host paths (and what is below them) apps may mount read-only.
     pub allow_binds: Vec<PathBuf>,
+    /// Revisions kept per app for rollback; older ones, and images only they used, are
+    /// collected.
+    pub keep_revisions: u32,
 }
 
 impl Settings {
@@ -168,6 +171,45 @@ impl Supervisor {
             restarts: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Garbage collection after `app` moved to a new revision (or was removed: `removed`
+    /// holds the image digests its revisions used): old revisions beyond `keep_revisions` are
+    /// forgotten, the images that only they used are removed, then unreferenced layers and
+    /// blobs. Images never used by a revision (pulled ahead) are left alone. Runs in the
+    /// background; failures are logged.
+    pub fn collect_garbage(self: &Arc<Self>, app: &str, removed: Vec<String>) {
+        let me = self.clone();
+        let app = app.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = me.collect_garbage_now(&app, removed).await {
+                tracing::warn!(%app, "image garbage collection: {e}");
+            }
+        });
+    }
+
+    async fn collect_garbage_now(&self, app: &str, mut candidates: Vec<String>) -> Result<(), SupervisorError> {
+        candidates.extend(self.store.prune_revisions(app, self.settings.keep_revisions.max(1))?);
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let in_use = self.store.digests_in_use()?;
+        let mut removed = 0;
+        for image in self.images.list()? {
+            if candidates.contains(&image.digest) && !in_use.contains_key(&image.digest) {
+                if let Ok(reference) = deliverous_images::Reference::parse(&image.reference) {
+                    if self.images.remove(&reference)?.is_some() {
+                        tracing::info!(%app, image = %image.reference, "removed an image no revision uses any more");
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            let report = self.images.prune().await?;
+            tracing::info!(%app, layers = report.layers, blobs = report.blobs, bytes = report.bytes, "pruned image data");
+        }
+        Ok(())
     }
 
     pub fn settings(&self) -> &Settings {
