@@ -67,3 +67,39 @@ fn an_imported_image_runs_and_images_only_old_revisions_used_are_collected() {
     let out = daemon.cli(&["image", "import", "/nonexistent/archive.tar"]);
     assert!(!out.success() && out.stderr.contains("/nonexistent/archive.tar"), "{out:?}");
 }
+
+#[test]
+fn pull_reports_each_layer_plainly_in_logs_and_as_bars_on_a_terminal() {
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let daemon = Daemon::start(&registry);
+    let shorts: Vec<String> =
+        image.layer_digests.iter().map(|d| d.trim_start_matches("sha256:")[..12].to_string()).collect();
+
+    // Not a terminal (as in CI logs): one line per layer once it is ready, the result on stdout.
+    let out = daemon.cli(&["image", "pull", &image.reference]);
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.trim().starts_with(&format!("{}@sha256:", image.reference)), "{}", out.stdout);
+    for short in &shorts {
+        assert!(out.stderr.contains(&format!("layer {short}: ")), "no line for layer {short}:\n{}", out.stderr);
+    }
+    assert!(!out.stderr.contains('\u{1b}'), "no terminal escapes in logs:\n{}", out.stderr);
+    let again = daemon.cli(&["image", "pull", &image.reference]);
+    assert_eq!(again.stderr.matches("already present").count(), shorts.len(), "{}", again.stderr);
+
+    // On a terminal: bars redrawn in place.
+    daemon.cli_ok(&["image", "rm", &image.reference]);
+    let command = format!(
+        "{} --host unix:{} image pull {}",
+        env!("CARGO_BIN_EXE_deliverous"),
+        daemon.socket().display(),
+        image.reference
+    );
+    let out = std::process::Command::new("script").args(["-qec", &command, "/dev/null"]).output().expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("\u{1b}[2K"), "no redrawn lines:\n{text:?}");
+    for short in &shorts {
+        assert!(text.contains(&format!("{short}  done")), "layer {short} not shown done:\n{text}");
+    }
+}

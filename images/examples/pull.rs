@@ -10,7 +10,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (Some(dir), Some(reference)) = (args.next(), args.next()) else {
         return Err("usage: pull DATA_DIR REFERENCE [INSECURE_HOST...]".into());
     };
-    let opts = PullOptions { insecure_registries: args.collect() };
+    let opts = PullOptions { insecure_registries: args.collect(), ..PullOptions::default() };
     let store = ImageStore::open(dir)?;
     let reference = Reference::parse(&reference)?;
     match store.pull(&reference, &opts).await {

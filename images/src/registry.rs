@@ -207,15 +207,18 @@ impl Session {
     /// bytes than the descriptor declares. The digest is checked by whoever consumes the chunks
     /// (and by `oci-client`, whose mismatch error ends the stream before `End`). Returns early,
     /// without error, if the consumer went away: it has its own error to report.
+    /// `progress` hears the bytes received so far, at most every 100 ms and once at the end.
     pub(crate) async fn stream_blob(
         &self,
         desc: &OciDescriptor,
         sink: tokio::sync::mpsc::Sender<Chunk>,
+        progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), Error> {
         let registry = || self.reference.registry().to_string();
         let mut stream = self.client.pull_blob_stream(&self.oci, desc).await.map_err(|e| self.map_error(e))?;
         let limit = u64::try_from(desc.size).ok().filter(|s| *s > 0).unwrap_or(u64::MAX);
         let mut received: u64 = 0;
+        let mut reported = std::time::Instant::now();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.map_stream_error(desc, e))?;
             received = received.saturating_add(chunk.len() as u64);
@@ -231,7 +234,12 @@ impl Session {
             if sink.send(Chunk::Data(chunk)).await.is_err() {
                 return Ok(());
             }
+            if reported.elapsed() >= std::time::Duration::from_millis(100) {
+                progress(received);
+                reported = std::time::Instant::now();
+            }
         }
+        progress(received);
         let _ = sink.send(Chunk::End).await;
         Ok(())
     }

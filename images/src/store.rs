@@ -32,6 +32,47 @@ pub struct PullOptions {
     /// Registries (`host:port`, as written in references) reached over plain HTTP. Loopback
     /// registries always are.
     pub insecure_registries: Vec<String>,
+    /// Told how the pull goes, layer by layer (for progress bars).
+    pub progress: Option<Progress>,
+}
+
+/// What a pull reports as it goes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PullEvent {
+    /// The manifest is read: the image is these layers (compressed digest and size).
+    Layers { layers: Vec<LayerSize> },
+    /// Bytes of layer `digest` downloaded so far (sent at most every 100 ms per layer, and at
+    /// the end).
+    Progress { digest: String, bytes: u64 },
+    /// Layer `digest` is ready: downloaded, verified and unpacked, or already here (`cached`).
+    Done { digest: String, cached: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerSize {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// A callback for [`PullEvent`]s; called from the pull's tasks, so it must be quick.
+#[derive(Clone)]
+pub struct Progress(Arc<dyn Fn(PullEvent) + Send + Sync>);
+
+impl Progress {
+    pub fn new(f: impl Fn(PullEvent) + Send + Sync + 'static) -> Progress {
+        Progress(Arc::new(f))
+    }
+
+    fn send(&self, event: PullEvent) {
+        (self.0)(event)
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
 }
 
 /// How to import an image archive ([`ImageStore::import`]).
@@ -219,6 +260,15 @@ impl ImageStore {
         }
 
         let size = manifest.layers.iter().map(|d| u64::try_from(d.size).unwrap_or(0)).fold(0, u64::saturating_add);
+        let progress = opts.progress.as_ref();
+        if let Some(p) = progress {
+            let layers = manifest
+                .layers
+                .iter()
+                .map(|d| LayerSize { digest: d.digest.clone(), size: u64::try_from(d.size).unwrap_or(0) })
+                .collect();
+            p.send(PullEvent::Layers { layers });
+        }
         // Every layer runs to its end (or its error) before the first error is reported, so no
         // half-done layer is still being cleaned up when the caller hears about it.
         // The futures are made first: a stream that maps borrowed items would not be `Send`.
@@ -226,7 +276,16 @@ impl ImageStore {
             .layers
             .iter()
             .zip(&diff_ids)
-            .map(|(desc, diff_id)| self.ensure_layer(&session, reference, desc, diff_id))
+            .map(|(desc, diff_id)| {
+                let session = &session;
+                async move {
+                    let cached = self.ensure_layer(session, reference, desc, diff_id, progress).await?;
+                    if let Some(p) = progress {
+                        p.send(PullEvent::Done { digest: desc.digest.clone(), cached });
+                    }
+                    Ok(())
+                }
+            })
             .collect();
         let results: Vec<Result<(), Error>> =
             futures_util::stream::iter(layers).buffered(PARALLEL_LAYERS).collect().await;
@@ -252,14 +311,16 @@ impl ImageStore {
     }
 
     /// Makes sure layer `diff_id` is unpacked: from its blob if it is already here, otherwise
-    /// downloading the blob and unpacking it in the same pass.
+    /// downloading the blob and unpacking it in the same pass. Returns whether nothing had to
+    /// be downloaded.
     async fn ensure_layer(
         &self,
         session: &Session,
         reference: &Reference,
         desc: &oci_client::manifest::OciDescriptor,
         diff_id: &str,
-    ) -> Result<(), Error> {
+        progress: Option<&Progress>,
+    ) -> Result<bool, Error> {
         let layer_hex = digest_hex(diff_id).ok_or_else(|| Error::Registry {
             registry: reference.registry().to_string(),
             message: format!("diff_id {diff_id:?} of {reference} is not sha256:<64 hex>"),
@@ -277,11 +338,11 @@ impl ImageStore {
         })?;
         let layer_dir = self.layers.join(layer_hex);
         if layer_dir.is_dir() {
-            return Ok(());
+            return Ok(true);
         }
         let lock = self.lock_blob(blob_hex).await?;
         if layer_dir.is_dir() {
-            return Ok(());
+            return Ok(true);
         }
         let blob = self.blobs.join(blob_hex);
         let layers = self.layers.clone();
@@ -291,7 +352,7 @@ impl ImageStore {
             // A blob only ever has its final name complete and verified.
             return blocking(move || {
                 let _lock = lock;
-                unpack::unpack_layer_unsynced(&blob, compression, &diff_id, &layers, &options).map(|_| ())
+                unpack::unpack_layer_unsynced(&blob, compression, &diff_id, &layers, &options).map(|_| true)
             })
             .await;
         }
@@ -314,11 +375,16 @@ impl ImageStore {
             };
             unpack::unpack_streamed(chunks, &layer)
         });
-        let downloaded = session.stream_blob(desc, sink).await;
+        let report = |bytes: u64| {
+            if let Some(p) = progress {
+                p.send(PullEvent::Progress { digest: desc.digest.clone(), bytes });
+            }
+        };
+        let downloaded = session.stream_blob(desc, sink, &report).await;
         let unpacked = unpacker.await.map_err(|e| Error::io("unpacking a layer: task failed", io::Error::other(e)))?;
         // A failed download is the cause of whatever the unpacker then reports.
         downloaded?;
-        unpacked.map(|_| ())
+        unpacked.map(|_| false)
     }
 
     /// Imports the images in an archive made on another machine, for hosts that cannot reach a

@@ -616,12 +616,51 @@ async fn prune_images(State(sup): State<Arc<Supervisor>>) -> Result<Json<Value>,
     Ok(Json(json!(report)))
 }
 
+/// Pulls an image. With `Accept: application/x-ndjson` the answer is a stream of JSON lines as
+/// the pull goes: the `layers`, `progress` and `done` events of [`deliverous_images::PullEvent`],
+/// then `{"event":"pulled","image":{..}}` or `{"event":"error","error":".."}`.
 async fn pull_image(
     State(sup): State<Arc<Supervisor>>,
+    headers: axum::http::HeaderMap,
     payload: Result<Json<Pull>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let req = body(payload)?;
     let reference = deliverous_images::Reference::parse(&req.reference).map_err(SupervisorError::from)?;
-    let image = sup.images().pull(&reference, &sup.pull_options()).await.map_err(SupervisorError::from)?;
-    Ok(Json(serde_json::to_value(image).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?))
+    let streaming = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/x-ndjson"));
+    if !streaming {
+        let image = sup.images().pull(&reference, &sup.pull_options()).await.map_err(SupervisorError::from)?;
+        let value =
+            serde_json::to_value(image).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        return Ok(Json(value).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    let line = |v: &Value| {
+        let mut bytes = serde_json::to_vec(v).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes::Bytes::from(bytes)
+    };
+    let events = tx.clone();
+    let mut opts = sup.pull_options();
+    opts.progress = Some(deliverous_images::Progress::new(move |event| {
+        let _ = events.send(line(&json!(event)));
+    }));
+    tokio::spawn(async move {
+        let last = match sup.images().pull(&reference, &opts).await {
+            Ok(image) => json!({"event": "pulled", "image": image}),
+            Err(e) => json!({"event": "error", "error": e.to_string()}),
+        };
+        drop(opts);
+        let _ = tx.send(line(&last));
+    });
+    // Ends when the pull task and its progress callback have dropped their senders.
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }

@@ -72,3 +72,64 @@ pub async fn call(host: &Host, method: Method, path: &str, body: Option<Value>) 
         Err(CallError::Api { status, message })
     }
 }
+
+/// Like [`call`], for endpoints answering a stream of JSON lines (`application/x-ndjson`):
+/// `on_line` gets each line as it arrives. An error status is an error, as with `call`.
+pub async fn call_stream(
+    host: &Host,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    mut on_line: impl FnMut(Value),
+) -> Result<(), CallError> {
+    let unreachable = |e: String| {
+        CallError::Unreachable(format!(
+            "cannot reach the deliverous daemon at unix:{}: {e}; is `deliverous daemon` running?",
+            host.socket.display()
+        ))
+    };
+    let stream = tokio::net::UnixStream::connect(&host.socket).await.map_err(|e| unreachable(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let payload = match &body {
+        Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| unreachable(e.to_string()))?),
+        None => Bytes::new(),
+    };
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "deliverous")
+        .header("content-type", "application/json")
+        .header("accept", "application/x-ndjson")
+        .body(Full::new(payload))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(CallError::Api { status, message });
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Ok(value) = serde_json::from_slice::<Value>(&line) {
+                on_line(value);
+            }
+        }
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! as aligned tables or, with `--json`, as JSON.
 
 mod client;
+mod progress;
 mod registry;
 
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use hyper::Method;
 use serde_json::{json, Map, Value};
 
 pub use client::Host;
-use client::{call, CallError};
+use client::{call, call_stream, CallError};
 pub use registry::{run_registry, RegistryCommand};
 
 #[derive(Debug, Subcommand)]
@@ -330,16 +331,13 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
 pub async fn run_image(host: &Host, cmd: ImageCommand) -> ExitCode {
     let result = match cmd {
         ImageCommand::Pull { reference, json } => {
-            if !json {
-                eprintln!("pulling {reference}…");
+            if json {
+                call(host, Method::POST, "/v1/images/pull", Some(json!({"reference": reference})))
+                    .await
+                    .map(|img| print_json(&img))
+            } else {
+                pull_with_progress(host, &reference).await
             }
-            call(host, Method::POST, "/v1/images/pull", Some(json!({"reference": reference}))).await.map(|img| {
-                if json {
-                    print_json(&img);
-                } else {
-                    println!("{}@{}", s(&img["reference"]), s(&img["digest"]));
-                }
-            })
         }
         ImageCommand::Ls { json } => call(host, Method::GET, "/v1/images", None).await.map(|imgs| {
             if json {
@@ -440,6 +438,31 @@ fn add_settings(body: &mut Value, settings: &Settings) {
             let caps: Vec<&String> = given.iter().filter(|c| !c.eq_ignore_ascii_case("none")).collect();
             body[key] = json!(caps);
         }
+    }
+}
+
+/// `image pull` for people: a progress bar per layer on a terminal, a line per layer otherwise;
+/// then `reference@digest` on stdout.
+async fn pull_with_progress(host: &Host, reference: &str) -> Result<(), CallError> {
+    let mut view = progress::PullView::new(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    eprintln!("pulling {reference}…");
+    let mut outcome: Option<Result<Value, String>> = None;
+    call_stream(host, Method::POST, "/v1/images/pull", Some(json!({"reference": reference})), |event| {
+        match event["event"].as_str() {
+            Some("pulled") => outcome = Some(Ok(event["image"].clone())),
+            Some("error") => outcome = Some(Err(s(&event["error"]))),
+            _ => view.event(&event),
+        }
+    })
+    .await?;
+    view.finish();
+    match outcome {
+        Some(Ok(img)) => {
+            println!("{}@{}", s(&img["reference"]), s(&img["digest"]));
+            Ok(())
+        }
+        Some(Err(message)) => Err(CallError::Api { status: hyper::StatusCode::BAD_GATEWAY, message }),
+        None => Err(CallError::Unreachable("the daemon ended the pull without saying how it went".into())),
     }
 }
 

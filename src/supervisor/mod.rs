@@ -231,7 +231,7 @@ impl Supervisor {
     }
 
     pub fn pull_options(&self) -> PullOptions {
-        PullOptions { insecure_registries: self.settings.insecure_registries.clone() }
+        PullOptions { insecure_registries: self.settings.insecure_registries.clone(), progress: None }
     }
 
     /// The image for `reference`: the local one if present, else pulled.
