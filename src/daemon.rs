@@ -118,6 +118,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let images = Arc::new(
         ImageStore::open(&args.data_dir).context("cannot open the image store")?.with_credentials(credentials),
     );
+    // This daemon owns the data dir (locked above): what an interrupted pull left can go.
+    match images.sweep_interrupted() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} leftovers of interrupted pulls"),
+        Err(e) => tracing::warn!("cannot sweep leftovers of interrupted pulls: {e}"),
+    }
     let net_config = NetworkConfig {
         bridge: args.bridge.clone(),
         subnet: args.subnet.parse().with_context(|| format!("invalid --subnet {:?}", args.subnet))?,

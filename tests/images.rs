@@ -103,3 +103,72 @@ fn pull_reports_each_layer_plainly_in_logs_and_as_bars_on_a_terminal() {
         assert!(text.contains(&format!("{short}  done")), "layer {short} not shown done:\n{text}");
     }
 }
+
+/// Bytes that do not compress (xorshift), so a pull of them takes a while even on loopback.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn a_pull_killed_at_any_moment_leaves_nothing_that_looks_complete() {
+    use sha2::Digest;
+    let registry = Registry::start();
+    let big = noise(48 << 20, 0x5eed);
+    let big_sha = hex::encode(sha2::Sha256::digest(&big));
+    let image = common::TestImage::new()
+        .layer(common::busybox_rootfs())
+        .layer(common::Layer::new().dir("data", 0o755).file("data/big", 0o644, &big))
+        .layer(common::Layer::new().dir("data2", 0o755).file("data2/more", 0o644, &noise(16 << 20, 7)))
+        .cmd(&["sh"])
+        .push(&registry, "demo/big:1");
+    let mut daemon = Daemon::start(&registry);
+    let layers = daemon.data_dir().join("layers");
+    let layer_dir = |diff_id: &str| layers.join(diff_id.trim_start_matches("sha256:"));
+    let big_layer = layer_dir(&image.diff_ids[1]);
+
+    let mut interrupted = 0;
+    for delay_ms in [30u64, 80, 150, 300, 600] {
+        let mut pull = std::process::Command::new(env!("CARGO_BIN_EXE_deliverous"))
+            .args(["--host", &format!("unix:{}", daemon.socket().display()), "image", "pull", &image.reference])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start pull");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        daemon.kill9();
+        let _ = pull.wait();
+        if !image.diff_ids.iter().all(|d| layer_dir(d).is_dir()) {
+            interrupted += 1;
+        }
+        // What the killed daemon left: a layer is either absent or complete.
+        if big_layer.exists() {
+            let content = std::fs::read(big_layer.join("data/big")).expect("a complete layer has its file");
+            assert_eq!(hex::encode(sha2::Sha256::digest(&content)), big_sha, "layer complete-looking but wrong");
+        }
+        daemon.restart();
+        let leftovers: Vec<String> = ["layers", "blobs/sha256", "images"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(daemon.data_dir().join(d)).into_iter().flatten().flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "after a kill at {delay_ms} ms, the restart left {leftovers:?}");
+    }
+    assert!(interrupted >= 2, "only {interrupted} kills landed mid-pull: the test proves little");
+    // The next pull finishes the job, whatever was there.
+    daemon.cli_ok(&["image", "pull", &image.reference]);
+    let content = std::fs::read(big_layer.join("data/big")).expect("big file");
+    assert_eq!(hex::encode(sha2::Sha256::digest(&content)), big_sha);
+    for diff_id in &image.diff_ids {
+        assert!(layer_dir(diff_id).is_dir(), "layer {diff_id} missing");
+    }
+}

@@ -572,6 +572,27 @@ impl ImageStore {
         image.layers.iter().filter_map(|d| digest_hex(d)).map(|hex| self.layers.join(hex)).collect()
     }
 
+    /// Removes what interrupted pulls and imports left (`.tmp-*` layer and blob files, stale
+    /// lock files). Only for a process that owns the store alone (the daemon, under its data
+    /// dir lock), before it starts pulling: another process's pull in progress would lose its
+    /// temporary files. Returns how many entries went.
+    pub fn sweep_interrupted(&self) -> Result<usize, Error> {
+        let mut removed = 0;
+        for dir in [&self.layers, &self.blobs, &self.images] {
+            for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !(name.starts_with(".tmp-") || name.starts_with(".lock-")) {
+                    continue;
+                }
+                let path = entry.path();
+                let result = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                result.context(|| format!("removing {}", path.display()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Forgets the image recorded under exactly `reference` (its layers stay until
     /// [`ImageStore::prune`]). Returns it, or `None` if there was none.
     pub fn remove(&self, reference: &Reference) -> Result<Option<Image>, Error> {
