@@ -172,3 +172,37 @@ fn a_pull_killed_at_any_moment_leaves_nothing_that_looks_complete() {
         assert!(layer_dir(diff_id).is_dir(), "layer {diff_id} missing");
     }
 }
+
+#[test]
+fn docker_and_oci_manifests_and_indexes_resolve_to_this_host_s_build() {
+    let registry = Registry::start();
+    let daemon = Daemon::start(&registry);
+    let base = || common::TestImage::new().layer(common::busybox_rootfs()).cmd(&["sh"]);
+    let builds = [("arm", "v7"), ("arm64", "v8"), ("amd64", "")];
+
+    let v2s2 = base().docker_format().push(&registry, "demo/v2s2:1");
+    let oci_index = base().platforms(&builds).push(&registry, "demo/oci-index:1");
+    let manifest_list = base().platforms(&builds).docker_format().push(&registry, "demo/list:1");
+    for image in [&v2s2, &oci_index, &manifest_list] {
+        let out = daemon.cli(&["image", "pull", &image.reference]);
+        assert!(out.success(), "pulling {}: {out:?}", image.repo_tag);
+    }
+    // From the index, the amd64 build: its config (skopeo may re-encode manifests, not configs).
+    let ls = daemon.cli_json(&["image", "ls", "--json"]);
+    for image in [&oci_index, &manifest_list] {
+        let pulled = ls.as_array().and_then(|a| a.iter().find(|i| i["reference"] == image.reference.as_str()));
+        let pulled = pulled.unwrap_or_else(|| panic!("{} not listed: {ls}", image.reference));
+        assert_eq!(pulled["layers"], serde_json::json!(image.diff_ids), "{pulled}");
+        let blobs = pulled["blobs"].as_array().cloned().unwrap_or_default();
+        assert!(blobs.contains(&serde_json::json!(image.config_digest)), "not the amd64 build: {pulled}");
+    }
+
+    let foreign = base().platforms(&[("arm64", "v8"), ("s390x", "")]).push(&registry, "demo/foreign:1");
+    let out = daemon.cli(&["image", "pull", &foreign.reference]);
+    assert!(!out.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("amd64") && out.stderr.contains("arm64") && out.stderr.contains("s390x"),
+        "the error should say what this host needs and what the image offers: {}",
+        out.stderr
+    );
+}

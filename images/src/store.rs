@@ -302,7 +302,7 @@ impl ImageStore {
             layers: diff_ids,
             size,
             pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            blobs: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            blobs: manifest.layers.iter().chain([&manifest.config]).map(|d| d.digest.clone()).collect(),
         };
         let images = self.images.clone();
         let record = image.clone();

@@ -154,6 +154,10 @@ pub struct TestImage {
     exposed_ports: Vec<u16>,
     user: Option<String>,
     stop_signal: Option<String>,
+    /// (architecture, variant) offered by an index; empty: a single amd64 manifest.
+    platforms: Vec<(String, String)>,
+    /// Push as Docker v2 schema 2 (manifest list for an index) instead of OCI.
+    docker_format: bool,
 }
 
 impl Default for TestImage {
@@ -173,6 +177,8 @@ impl TestImage {
             exposed_ports: Vec::new(),
             user: None,
             stop_signal: None,
+            platforms: Vec::new(),
+            docker_format: false,
         }
     }
 
@@ -206,6 +212,19 @@ impl TestImage {
     /// The config's `User` (`1000`, `nobody`, `1000:1000`).
     pub fn user(mut self, user: &str) -> TestImage {
         self.user = Some(user.to_string());
+        self
+    }
+
+    /// Publishes an index offering these (architecture, variant) builds (variant "" for none),
+    /// all with the same layers; only an `amd64` one can really run here.
+    pub fn platforms(mut self, platforms: &[(&str, &str)]) -> TestImage {
+        self.platforms = platforms.iter().map(|(a, v)| (a.to_string(), v.to_string())).collect();
+        self
+    }
+
+    /// Pushes Docker v2 schema 2 manifests (and a Docker manifest list for an index).
+    pub fn docker_format(mut self) -> TestImage {
+        self.docker_format = true;
         self
     }
 
@@ -289,17 +308,55 @@ impl TestImage {
         });
         let (manifest_digest, manifest_size) = write_blob(&serde_json::to_vec(&manifest).expect("manifest json"));
 
-        let index = json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_INDEX,
-            "manifests": [{
-                "mediaType": MEDIA_MANIFEST,
-                "digest": manifest_digest,
-                "size": manifest_size,
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }],
-        });
+        let index = if self.platforms.is_empty() {
+            json!({
+                "schemaVersion": 2,
+                "mediaType": MEDIA_INDEX,
+                "manifests": [{
+                    "mediaType": MEDIA_MANIFEST,
+                    "digest": manifest_digest,
+                    "size": manifest_size,
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {"org.opencontainers.image.ref.name": tag},
+                }],
+            })
+        } else {
+            // One manifest per platform, same layers, the config naming the platform.
+            let mut entries = Vec::new();
+            for (arch, variant) in &self.platforms {
+                let (digest, size) = if arch == "amd64" && variant.is_empty() {
+                    (manifest_digest.clone(), manifest_size)
+                } else {
+                    let mut config = config_json.clone();
+                    config["architecture"] = json!(arch);
+                    if !variant.is_empty() {
+                        config["variant"] = json!(variant);
+                    }
+                    let (c_digest, c_size) = write_blob(&serde_json::to_vec(&config).expect("config json"));
+                    let mut m = manifest.clone();
+                    m["config"] = json!({"mediaType": MEDIA_CONFIG, "digest": c_digest, "size": c_size});
+                    write_blob(&serde_json::to_vec(&m).expect("manifest json"))
+                };
+                let mut platform = json!({"architecture": arch, "os": "linux"});
+                if !variant.is_empty() {
+                    platform["variant"] = json!(variant);
+                }
+                entries
+                    .push(json!({"mediaType": MEDIA_MANIFEST, "digest": digest, "size": size, "platform": platform}));
+            }
+            let nested = json!({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": entries});
+            let (index_digest, index_size) = write_blob(&serde_json::to_vec(&nested).expect("index json"));
+            json!({
+                "schemaVersion": 2,
+                "mediaType": MEDIA_INDEX,
+                "manifests": [{
+                    "mediaType": MEDIA_INDEX,
+                    "digest": index_digest,
+                    "size": index_size,
+                    "annotations": {"org.opencontainers.image.ref.name": tag},
+                }],
+            })
+        };
         std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).expect("write index.json");
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("write oci-layout");
 
@@ -320,6 +377,7 @@ impl TestImage {
             .filter(|(repo, _)| !repo.is_empty())
             .unwrap_or_else(|| panic!("expected REPO:TAG like demo/httpd:1, got {repo_tag:?}"));
         let layout = tempfile::Builder::new().prefix("oci-layout-").tempdir().expect("create layout temp dir");
+        let (all, docker_format) = (!self.platforms.is_empty(), self.docker_format);
         let mut image = self.write_layout(layout.path(), tag);
         image.reference = registry.reference(repo_tag);
         image.repo_tag = repo_tag.to_string();
@@ -329,6 +387,8 @@ impl TestImage {
             Command::new("skopeo")
                 .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
                 .args(["--retry-times", "3"])
+                .args(if all { &["--all"][..] } else { &[][..] })
+                .args(if docker_format { &["--format", "v2s2"][..] } else { &[][..] })
                 .args(registry.login().map(|l| vec!["--dest-creds".to_string(), l]).unwrap_or_default())
                 .arg(&src)
                 .arg(&dest),
