@@ -6,6 +6,7 @@ mod api;
 mod apps;
 mod cli;
 mod daemon;
+mod logs;
 mod proxy;
 mod supervisor;
 
@@ -36,6 +37,10 @@ enum Command {
     /// Manage images: pull, ls.
     #[command(subcommand)]
     Image(cli::ImageCommand),
+    /// Show an app's logs: all instances merged in time order, each line prefixed by its instance.
+    #[command(after_help = "Examples:\n  deliverous logs web --tail 100\n  deliverous logs web -f --since 10m\n  \
+        deliverous logs web --instance web.2 --timestamps")]
+    Logs(cli::LogsArgs),
     /// Named volumes: ls, rm.
     #[command(subcommand)]
     Volume(cli::VolumeCommand),
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => daemon::main(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
+        Command::Logs(args) => with_client(&cli.host, |host| async move { cli::run_logs(&host, args).await }),
         Command::Volume(cmd) => with_client(&cli.host, |host| async move { cli::run_volume(&host, cmd).await }),
         Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(cli::run_registry(cmd)),

@@ -257,6 +257,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/start", post(start_app))
         .route("/v1/apps/{name}/stop", post(stop_app))
         .route("/v1/apps/{name}/scale", put(scale_app))
+        .route("/v1/apps/{name}/logs", get(app_logs))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/rm", post(remove_image))
@@ -608,6 +609,96 @@ async fn import_image(
     let opts = deliverous_images::ImportOptions { reference };
     let images = sup.images().import(&req.path, &opts).await.map_err(SupervisorError::from)?;
     Ok(Json(serde_json::to_value(images).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// Only the last N lines (of all instances together).
+    pub tail: Option<usize>,
+    /// Only lines from then on: `10m`, `2h`, `1d` ago or an RFC 3339 time.
+    pub since: Option<String>,
+    /// Only this instance (`web.2`).
+    pub instance: Option<String>,
+    /// Keep the stream open and send new lines as they are written.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// An app's logs as JSON lines (`{"ts","instance","stream","text"}`), all instances merged in
+/// time order; with `follow`, the stream goes on with new lines, through log rotations, and
+/// picks up instances as they start.
+async fn app_logs(
+    State(sup): State<Arc<Supervisor>>,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    find(&sup, &name)?;
+    let since = match &q.since {
+        Some(s) => Some(
+            crate::logs::parse_since(s, chrono::Utc::now())
+                .map_err(ApiError::bad_request)?
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+        None => None,
+    };
+    if let Some(i) = &q.instance {
+        if i.strip_prefix(&format!("{name}.")).is_none_or(|slot| slot.parse::<u32>().is_err()) {
+            return Err(ApiError::bad_request(format!("invalid instance {i:?}: expected {name}.N, e.g. {name}.1")));
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    let line = |l: &crate::logs::LogLine| {
+        let mut bytes = serde_json::to_vec(l).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes::Bytes::from(bytes)
+    };
+    tokio::spawn(async move {
+        let sources = sup.log_sources(&name, q.instance.as_deref());
+        // Positioned before the history is read: a line written meanwhile may come twice, but
+        // none is lost.
+        let mut follower = crate::logs::Follower::default();
+        if q.follow {
+            follower.start_at_end(&sources);
+        }
+        let (tail, since2, sources2) = (q.tail, since.clone(), sources.clone());
+        let past = tokio::task::spawn_blocking(move || crate::logs::history(&sources2, since2.as_deref(), tail)).await;
+        for l in past.unwrap_or_default() {
+            if tx.send(line(&l)).is_err() {
+                return;
+            }
+        }
+        if !q.follow {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            }
+            let sources = sup.log_sources(&name, q.instance.as_deref());
+            let polled = tokio::task::spawn_blocking(move || {
+                let lines = follower.poll(&sources);
+                (follower, lines)
+            })
+            .await;
+            let Ok((back, lines)) = polled else { return };
+            follower = back;
+            for l in lines {
+                if tx.send(line(&l)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// `image prune`: layers and blobs no image uses.

@@ -141,6 +141,73 @@ pub enum ImageCommand {
     Prune,
 }
 
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The app.
+    name: String,
+    /// Keep following: new lines as they are written, through restarts and new instances.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only lines since then: 30s, 10m, 2h, 1d, or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Only the last N lines (all instances together).
+    #[arg(long)]
+    tail: Option<usize>,
+    /// Only this instance, e.g. web.2.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Prefix each line with its time.
+    #[arg(short, long)]
+    timestamps: bool,
+    /// One JSON object per line: ts, instance, stream, text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run_logs(host: &Host, args: LogsArgs) -> ExitCode {
+    let mut query = vec![format!("follow={}", args.follow)];
+    if let Some(s) = &args.since {
+        query.push(format!("since={}", percent_encode(s)));
+    }
+    if let Some(n) = args.tail {
+        query.push(format!("tail={n}"));
+    }
+    if let Some(i) = &args.instance {
+        query.push(format!("instance={}", percent_encode(i)));
+    }
+    let path = format!("/v1/apps/{}/logs?{}", args.name, query.join("&"));
+    let result = call_stream(host, Method::GET, &path, None, |line| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let text = if args.json {
+            line.to_string()
+        } else {
+            let stamp = if args.timestamps { format!("{} ", s(&line["ts"])) } else { String::new() };
+            format!("{stamp}{} | {}", s(&line["instance"]), s(&line["text"]))
+        };
+        // A closed pipe (`| head`) ends the command quietly.
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            std::process::exit(0);
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// Query-string escaping for the few characters that would break it.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// List named volumes: size, apps using them.

@@ -257,6 +257,19 @@ impl Supervisor {
         })
     }
 
+    /// The log files of `app`'s instances (only `instance`, e.g. `web.2`, if given).
+    pub fn log_sources(&self, app: &str, instance: Option<&str>) -> Vec<crate::logs::Source> {
+        lock(&self.live)
+            .values()
+            .filter(|l| l.row.app == app)
+            .map(|l| crate::logs::Source {
+                instance: format!("{}.{}", l.row.app, l.row.slot),
+                path: self.settings.instance_dir(&l.row.uid).join("log"),
+            })
+            .filter(|s| instance.is_none_or(|i| s.instance == i))
+            .collect()
+    }
+
     pub fn instances_of(&self, app: &str) -> Vec<InstanceView> {
         let mut v: Vec<InstanceView> = lock(&self.live)
             .values()
