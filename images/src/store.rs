@@ -155,6 +155,9 @@ pub struct ImageStore {
     /// Pulls and imports hold it shared, [`ImageStore::prune`] exclusively: a layer unpacked
     /// for a record not written yet is never pruned.
     gc: tokio::sync::RwLock<()>,
+    /// Keep compressed layer blobs after unpacking (off by default: they double the disk an
+    /// image takes, and the verified layer is what instances use).
+    keep_blobs: bool,
 }
 
 type BlobLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
@@ -193,11 +196,18 @@ impl ImageStore {
             unpack_options: UnpackOptions::default(),
             credentials: CredentialFiles::default(),
             gc: tokio::sync::RwLock::new(()),
+            keep_blobs: false,
         };
         for dir in [&store.blobs, &store.layers, &store.images] {
             fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         }
         Ok(store)
+    }
+
+    /// Keeps compressed layer blobs after unpacking them (for tools that re-export images).
+    pub fn with_keep_blobs(mut self, keep: bool) -> Self {
+        self.keep_blobs = keep;
+        self
     }
 
     /// Sets the limits applied to layers unpacked from now on (default: [`UnpackOptions::default`]).
@@ -302,7 +312,13 @@ impl ImageStore {
             layers: diff_ids,
             size,
             pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            blobs: manifest.layers.iter().chain([&manifest.config]).map(|d| d.digest.clone()).collect(),
+            blobs: manifest
+                .layers
+                .iter()
+                .filter(|_| self.keep_blobs)
+                .chain([&manifest.config])
+                .map(|d| d.digest.clone())
+                .collect(),
         };
         let images = self.images.clone();
         let record = image.clone();
@@ -361,6 +377,7 @@ impl ImageStore {
         let (sink, chunks) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
         let blobs = self.blobs.clone();
         let blob_digest = desc.digest.clone();
+        let keep_blob = self.keep_blobs;
         // The locks travel with the unpacker: if this pull is dropped mid-way, they are held
         // until its thread has cleaned up.
         let unpacker = tokio::task::spawn_blocking(move || {
@@ -372,6 +389,7 @@ impl ImageStore {
                 diff_id: &diff_id,
                 layers_dir: &layers,
                 options: &options,
+                keep_blob,
             };
             unpack::unpack_streamed(chunks, &layer)
         });

@@ -203,14 +203,18 @@ pub(crate) struct StreamedLayer<'a> {
     pub(crate) diff_id: &'a str,
     pub(crate) layers_dir: &'a Path,
     pub(crate) options: &'a UnpackOptions,
+    /// Also keep the compressed blob (it costs disk and writes; the unpacked layer, verified by
+    /// its diff_id, is what instances use).
+    pub(crate) keep_blob: bool,
 }
 
-/// Unpacks a layer while it downloads, in one pass: every chunk received is appended to the blob's
-/// temporary file and hashed, and fed to the decompressor and the unpacker. Runs on a blocking
-/// thread; `chunks` ends with [`Chunk::End`] when the download succeeded.
+/// Unpacks a layer while it downloads, in one pass: every chunk received is hashed (and
+/// appended to the blob's temporary file if the blob is kept), and fed to the decompressor and
+/// the unpacker. Runs on a blocking thread; `chunks` ends with [`Chunk::End`] when the download
+/// succeeded.
 ///
 /// Only when the whole stream was received, hashed to the blob digest and unpacked to the
-/// diff_id are the blob and the layer renamed into place (after one syncfs, which covers both
+/// diff_id are the layer (and the blob) renamed into place (after one syncfs, which covers both
 /// when they share a file system). On any error neither is kept.
 pub(crate) fn unpack_streamed(
     chunks: tokio::sync::mpsc::Receiver<Chunk>,
@@ -227,17 +231,22 @@ pub(crate) fn unpack_streamed(
     let blob_tmp = layer.blobs_dir.join(format!(".tmp-{blob_hex}-{}", unique_suffix()));
     fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
     let staged = (|| {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&blob_tmp)
-            .context(|| format!("creating {}", blob_tmp.display()))?;
+        let file = if layer.keep_blob {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&blob_tmp)
+                .context(|| format!("creating {}", blob_tmp.display()))?;
+            Some(io::BufWriter::with_capacity(256 << 10, file))
+        } else {
+            None
+        };
         let mut input = ChunkReader {
             chunks,
             current: bytes::Bytes::new(),
             ended: false,
-            blob: io::BufWriter::with_capacity(256 << 10, file),
+            blob: file,
             blob_path: &blob_tmp,
             layer: layer.diff_id,
             hasher: Sha256::new(),
@@ -267,12 +276,12 @@ pub(crate) fn unpack_streamed(
                 actual,
             });
         }
-        let file = input
-            .blob
-            .into_inner()
-            .map_err(|e| Error::io(format!("writing {}", blob_tmp.display()), e.into_error()))?;
-        if !same_file_system(&blob_tmp, &tmp)? {
-            file.sync_all().context(|| format!("syncing {}", blob_tmp.display()))?;
+        if let Some(blob) = input.blob.take() {
+            let file =
+                blob.into_inner().map_err(|e| Error::io(format!("writing {}", blob_tmp.display()), e.into_error()))?;
+            if !same_file_system(&blob_tmp, &tmp)? {
+                file.sync_all().context(|| format!("syncing {}", blob_tmp.display()))?;
+            }
         }
         syncfs(&tmp)
     })();
@@ -284,6 +293,9 @@ pub(crate) fn unpack_streamed(
             }
         }
         return Err(e);
+    }
+    if !layer.keep_blob {
+        return commit_layer(&tmp, &target);
     }
     if let Err(e) = fs::rename(&blob_tmp, &blob_target) {
         remove_tree(&tmp);
@@ -305,7 +317,8 @@ struct ChunkReader<'p> {
     chunks: tokio::sync::mpsc::Receiver<Chunk>,
     current: bytes::Bytes,
     ended: bool,
-    blob: io::BufWriter<File>,
+    /// Where the blob is written as it arrives, if it is kept.
+    blob: Option<io::BufWriter<File>>,
     blob_path: &'p Path,
     /// diff_id, for messages.
     layer: &'p str,
@@ -337,7 +350,7 @@ impl io::BufRead for ChunkReader<'_> {
         while self.current.is_empty() && !self.ended {
             match self.chunks.blocking_recv() {
                 Some(Chunk::Data(data)) => {
-                    if let Err(e) = self.blob.write_all(&data) {
+                    if let Some(Err(e)) = self.blob.as_mut().map(|b| b.write_all(&data)) {
                         let e = Error::io(format!("writing {}", self.blob_path.display()), e);
                         return Err(self.fail(e));
                     }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use common::{compressible, layer, leftovers, noise, push, Pushed, Registry};
 use deliverous_images::{CredentialFiles, Error, ImageStore, PullOptions, Reference};
 
+/// A store that keeps compressed blobs, so these tests can check them and re-unpack from them.
 fn open(dir: &std::path::Path) -> ImageStore {
-    ImageStore::open(dir).unwrap().with_credentials(CredentialFiles::none())
+    ImageStore::open(dir).unwrap().with_credentials(CredentialFiles::none()).with_keep_blobs(true)
 }
 
 /// Two images sharing a large base layer, each with its own top layer.
@@ -129,6 +130,16 @@ async fn many_layers_stream_in_parallel_with_exact_contents() {
         assert_eq!(format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&blob))), *digest);
     }
     assert!(leftovers(data.path()).is_empty(), "{:?}", leftovers(data.path()));
+
+    // By default only the unpacked layers are kept: no second copy of each layer as a blob.
+    let lean_dir = tempfile::tempdir().unwrap();
+    let lean = ImageStore::open(lean_dir.path()).unwrap().with_credentials(CredentialFiles::none());
+    let image = lean.pull(&Reference::parse(&pushed.reference).unwrap(), &PullOptions::default()).await.unwrap();
+    assert!(lean.layer_dirs(&image).iter().all(|d| d.is_dir()));
+    for digest in &pushed.layer_digests {
+        assert!(!lean.blob_path(digest).unwrap().exists(), "blob {digest} kept");
+    }
+    assert!(leftovers(lean_dir.path()).is_empty(), "{:?}", leftovers(lean_dir.path()));
 }
 
 #[tokio::test]
