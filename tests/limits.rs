@@ -136,7 +136,8 @@ fn a_killed_shim_takes_its_whole_instance_down_and_it_is_replaced() {
     let secs = unique_secs();
     let (status, body) = http_get(daemon.proxy_addr(), "web.localhost", &format!("/spawn?n=3&secs={secs}"));
     assert_eq!((status, body.trim()), (200, "spawned 3 of 3"));
-    assert_eq!(sleepers(secs), 3);
+    // A child shows `sleep` as its command line only once it has exec'd.
+    assert!(wait_until(Duration::from_secs(10), || sleepers(secs) == 3), "{} sleepers, not 3", sleepers(secs));
     let cgroup = daemon.cgroup_file(&id, "pids", "");
 
     let shim = daemon.shim_pid(&id).expect("the instance's shim runs");
