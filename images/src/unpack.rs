@@ -463,7 +463,7 @@ impl Drop for StagedLayer {
 /// decompressed stream must hash to `diff_id`. `compression: None` sniffs it from the first
 /// bytes. `what` names the layer's source in messages. On error nothing is left behind.
 pub(crate) fn stage_layer(
-    input: impl Read,
+    input: impl Read + Send,
     blob: Option<&ExpectedBlob>,
     compression: Option<Compression>,
     diff_id: &str,
@@ -523,7 +523,7 @@ impl<R: Read> Read for HashingReader<R> {
 /// Decompresses `input` and extracts it into `root`, checking the uncompressed stream's sha256.
 /// Reads the decompressed stream to its end; `input` may have bytes left after the compressed
 /// data (the caller decides what they mean). `what` names the blob in messages.
-fn unpack_stream<R: BufRead>(
+fn unpack_stream<R: BufRead + Send>(
     input: &mut R,
     compression: Compression,
     diff_id: &str,
@@ -531,15 +531,94 @@ fn unpack_stream<R: BufRead>(
     options: &UnpackOptions,
     what: &str,
 ) -> Result<(), Error> {
-    let decompressed: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(input),
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(input).context(|| format!("starting zstd decoder for {what}"))?,
-        ),
-    };
+    if compression == Compression::None {
+        return extract_verified(input, diff_id, root, options, what);
+    }
+    // Two threads: one inflates (and, reading the input, hashes and stores the compressed
+    // stream), the other parses the tar and writes files. Each is about half the work, so a
+    // layer takes the longer of the two instead of their sum.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECOMPRESSED_IN_FLIGHT);
+        let inflater = scope.spawn(move || -> Result<(), Error> {
+            let mut decompressed: Box<dyn Read + '_> = match compression {
+                Compression::Zstd => Box::new(
+                    zstd::stream::read::Decoder::with_buffer(input)
+                        .context(|| format!("starting zstd decoder for {what}"))?,
+                ),
+                _ => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+            };
+            loop {
+                let mut buf = vec![0u8; DECOMPRESSED_CHUNK];
+                match decompressed.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => {
+                        buf.truncate(n);
+                        // The extractor stopped (an error, a limit): it reports why.
+                        if tx.send(Ok(buf)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Ok(());
+                    }
+                }
+            }
+        });
+        let result = extract_verified(ChannelReader { rx, current: Vec::new(), pos: 0 }, diff_id, root, options, what);
+        // The receiver is gone with the reader: a still-running inflater stops at its next send.
+        let inflated = inflater.join().unwrap_or_else(|_| {
+            Err(Error::Unpack { layer: diff_id.to_string(), reason: "the decompressing thread panicked".into() })
+        });
+        result.and(inflated)
+    })
+}
+
+/// Decompressed bytes handed from the inflating thread to the extracting one.
+const DECOMPRESSED_CHUNK: usize = 128 << 10;
+/// At most this many chunks wait between them (4 MiB): also how far decompression can run past
+/// the size limit before the extractor notices.
+const DECOMPRESSED_IN_FLIGHT: usize = 32;
+
+/// The extracting side of [`unpack_stream`]'s two threads.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // The inflater finished: end of stream.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Extracts the uncompressed tar stream `input` into `root` within the size limit, then checks
+/// that the whole stream hashes to `diff_id`.
+fn extract_verified(
+    input: impl Read,
+    diff_id: &str,
+    root: &Path,
+    options: &UnpackOptions,
+    what: &str,
+) -> Result<(), Error> {
     let meter = Meter::new(options.max_unpacked_bytes);
-    let mut metered = MeteredReader { inner: decompressed, hasher: Sha256::new(), meter: &meter };
+    let mut metered = MeteredReader { inner: input, hasher: Sha256::new(), meter: &meter };
     let stop_err = |stop: Stop| match stop {
         Stop::Invalid(reason) => Error::Unpack { layer: diff_id.to_string(), reason: elide(reason) },
         Stop::TooLarge(what) => {
