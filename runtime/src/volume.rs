@@ -90,6 +90,19 @@ fn check_target(target: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Bytes of the regular files below `path` (symlinks not followed); 0 if it cannot be read.
+pub fn disk_usage(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => disk_usage(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Copies the tree at `from` into the empty directory `to`: files, directories and symlinks with
 /// their owners, modes and contents; the root of `to` takes `from`'s owner and mode. Device
 /// nodes, sockets and fifos are skipped. Symlinks are copied, never followed.

@@ -495,7 +495,7 @@ async fn list_volumes(State(sup): State<Arc<Supervisor>>) -> ApiResult<Vec<Volum
         let path = entry.path();
         let size = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || tree_size(&path)
+            move || deliverous_runtime::volume::disk_usage(&path)
         })
         .await
         .unwrap_or(0);
@@ -503,19 +503,6 @@ async fn list_volumes(State(sup): State<Arc<Supervisor>>) -> ApiResult<Vec<Volum
     }
     views.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(views))
-}
-
-/// Bytes of the regular files below `path` (symlinks not followed).
-fn tree_size(path: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => tree_size(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
-            _ => 0,
-        })
-        .sum()
 }
 
 async fn remove_volume(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {

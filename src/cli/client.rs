@@ -32,7 +32,14 @@ pub enum CallError {
     Api { status: StatusCode, message: String },
 }
 
-pub async fn call(host: &Host, method: Method, path: &str, body: Option<Value>) -> Result<Value, CallError> {
+/// Sends one request over a fresh connection and returns the response head and body.
+async fn send(
+    host: &Host,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    accept: &'static str,
+) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
     let unreachable = |e: String| {
         CallError::Unreachable(format!(
             "cannot reach the deliverous daemon at unix:{}: {e}; is `deliverous daemon` running? (--host or DELIVEROUS_HOST point elsewhere)",
@@ -54,23 +61,39 @@ pub async fn call(host: &Host, method: Method, path: &str, body: Option<Value>) 
         .uri(path)
         .header("host", "deliverous")
         .header("content-type", "application/json")
+        .header("accept", accept)
         .body(Full::new(payload))
         .map_err(|e| unreachable(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+    sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))
+}
+
+fn broken(e: impl std::fmt::Display) -> CallError {
+    CallError::Unreachable(format!("the connection to the deliverous daemon broke: {e}"))
+}
+
+/// The error a failed answer carries (`{"error": "..."}`), or its text.
+fn api_error(status: StatusCode, bytes: &[u8]) -> CallError {
+    let value: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let message = value
+        .get("error")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
+    CallError::Api { status, message }
+}
+
+pub async fn call(host: &Host, method: Method, path: &str, body: Option<Value>) -> Result<Value, CallError> {
+    let resp = send(host, method, path, body, "application/json").await?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
-    let value: Value = if bytes.is_empty() {
+    let bytes = resp.into_body().collect().await.map_err(broken)?.to_bytes();
+    if !status.is_success() {
+        return Err(api_error(status, &bytes));
+    }
+    Ok(if bytes.is_empty() {
         Value::Null
     } else {
         serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    if status.is_success() {
-        Ok(value)
-    } else {
-        let message =
-            value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
-        Err(CallError::Api { status, message })
-    }
+    })
 }
 
 /// Like [`call`], for endpoints answering a stream of JSON lines (`application/x-ndjson`):
@@ -82,46 +105,16 @@ pub async fn call_stream(
     body: Option<Value>,
     mut on_line: impl FnMut(Value),
 ) -> Result<(), CallError> {
-    let unreachable = |e: String| {
-        CallError::Unreachable(format!(
-            "cannot reach the deliverous daemon at unix:{}: {e}; is `deliverous daemon` running?",
-            host.socket.display()
-        ))
-    };
-    let stream = tokio::net::UnixStream::connect(&host.socket).await.map_err(|e| unreachable(e.to_string()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let payload = match &body {
-        Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| unreachable(e.to_string()))?),
-        None => Bytes::new(),
-    };
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "deliverous")
-        .header("content-type", "application/json")
-        .header("accept", "application/x-ndjson")
-        .body(Full::new(payload))
-        .map_err(|e| unreachable(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+    let resp = send(host, method, path, body, "application/x-ndjson").await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
-        let bytes = body.collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let message = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(CallError::Api { status, message });
+        let bytes = body.collect().await.map_err(broken)?.to_bytes();
+        return Err(api_error(status, &bytes));
     }
     let mut pending: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+        let frame = frame.map_err(broken)?;
         let Some(data) = frame.data_ref() else { continue };
         pending.extend_from_slice(data);
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
