@@ -532,14 +532,14 @@ fn unpack_stream<R: BufRead + Send>(
     what: &str,
 ) -> Result<(), Error> {
     if compression == Compression::None {
-        return extract_verified(input, diff_id, root, options, what);
+        return extract_verified(input, Some(diff_id), diff_id, root, options, what);
     }
-    // Two threads: one inflates (and, reading the input, hashes and stores the compressed
-    // stream), the other parses the tar and writes files. Each is about half the work, so a
-    // layer takes the longer of the two instead of their sum.
+    // Two threads: one inflates and hashes the result for the diff_id (and, reading the input,
+    // hashes and stores the compressed stream), the other parses the tar and writes files. Each
+    // is about half the work, so a layer takes the longer of the two instead of their sum.
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECOMPRESSED_IN_FLIGHT);
-        let inflater = scope.spawn(move || -> Result<(), Error> {
+        let inflater = scope.spawn(move || -> Result<Option<String>, Error> {
             let mut decompressed: Box<dyn Read + '_> = match compression {
                 Compression::Zstd => Box::new(
                     zstd::stream::read::Decoder::with_buffer(input)
@@ -547,31 +547,47 @@ fn unpack_stream<R: BufRead + Send>(
                 ),
                 _ => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
             };
+            let mut hasher = Sha256::new();
             loop {
                 let mut buf = vec![0u8; DECOMPRESSED_CHUNK];
                 match decompressed.read(&mut buf) {
-                    Ok(0) => return Ok(()),
+                    Ok(0) => return Ok(Some(format!("sha256:{}", hex::encode(hasher.finalize())))),
                     Ok(n) => {
                         buf.truncate(n);
+                        hasher.update(&buf);
                         // The extractor stopped (an error, a limit): it reports why.
                         if tx.send(Ok(buf)).is_err() {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
         });
-        let result = extract_verified(ChannelReader { rx, current: Vec::new(), pos: 0 }, diff_id, root, options, what);
+        let reader = ChannelReader { rx, current: Vec::new(), pos: 0 };
+        let result = extract_verified(reader, None, diff_id, root, options, what);
         // The receiver is gone with the reader: a still-running inflater stops at its next send.
         let inflated = inflater.join().unwrap_or_else(|_| {
             Err(Error::Unpack { layer: diff_id.to_string(), reason: "the decompressing thread panicked".into() })
         });
-        result.and(inflated)
+        result?;
+        // The extractor read the stream to its end, so the inflater hashed all of it.
+        match inflated? {
+            Some(actual) if actual == diff_id => Ok(()),
+            Some(actual) => Err(Error::DigestMismatch {
+                what: format!("uncompressed layer {what}"),
+                expected: diff_id.to_string(),
+                actual,
+            }),
+            None => Err(Error::Unpack {
+                layer: diff_id.to_string(),
+                reason: "the decompressed stream ended before the end of the layer".into(),
+            }),
+        }
     })
 }
 
@@ -608,17 +624,19 @@ impl Read for ChannelReader {
     }
 }
 
-/// Extracts the uncompressed tar stream `input` into `root` within the size limit, then checks
-/// that the whole stream hashes to `diff_id`.
+/// Extracts the uncompressed tar stream `input` into `root` within the size limit, reading it
+/// to its end; with `check` set, verifies that the whole stream hashes to it (else the caller
+/// hashes it). `diff_id` names the layer in messages.
 fn extract_verified(
     input: impl Read,
+    check: Option<&str>,
     diff_id: &str,
     root: &Path,
     options: &UnpackOptions,
     what: &str,
 ) -> Result<(), Error> {
     let meter = Meter::new(options.max_unpacked_bytes);
-    let mut metered = MeteredReader { inner: input, hasher: Sha256::new(), meter: &meter };
+    let mut metered = MeteredReader { inner: input, hasher: check.map(|_| Sha256::new()), meter: &meter };
     let stop_err = |stop: Stop| match stop {
         Stop::Invalid(reason) => Error::Unpack { layer: diff_id.to_string(), reason: elide(reason) },
         Stop::TooLarge(what) => {
@@ -631,13 +649,15 @@ fn extract_verified(
     // and whatever follows it: a bomb can hide there too, so this is metered like the rest.
     io::copy(&mut metered, &mut io::sink())
         .map_err(|e| stop_err(meter.stop(format!("reading the end of the layer stream: {e}"))))?;
-    let actual = format!("sha256:{}", hex::encode(metered.hasher.finalize()));
-    if actual != diff_id {
-        return Err(Error::DigestMismatch {
-            what: format!("uncompressed layer {what}"),
-            expected: diff_id.to_string(),
-            actual,
-        });
+    if let (Some(expected), Some(hasher)) = (check, metered.hasher) {
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != expected {
+            return Err(Error::DigestMismatch {
+                what: format!("uncompressed layer {what}"),
+                expected: expected.to_string(),
+                actual,
+            });
+        }
     }
     Ok(())
 }
@@ -703,7 +723,8 @@ fn elide(message: String) -> String {
 /// Hashes the decompressed stream for the diff_id check and enforces the [`Meter`]'s limits.
 struct MeteredReader<'m, R> {
     inner: R,
-    hasher: Sha256,
+    /// Hashes the stream for the diff_id, unless another thread does.
+    hasher: Option<Sha256>,
     meter: &'m Meter,
 }
 
@@ -714,7 +735,9 @@ impl<R: Read> Read for MeteredReader<'_, R> {
         let allowed = m.limit.saturating_sub(m.total.get()).saturating_add(1);
         let len = buf.len().min(usize::try_from(allowed).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..len])?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
         let total = m.total.get().saturating_add(n as u64);
         m.total.set(total);
         if total > m.limit {

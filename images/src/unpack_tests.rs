@@ -522,6 +522,20 @@ fn diff_id_mismatch_rejected_and_cleaned() {
 
     let msg = unpack_error(s.unpack(&tar, Compression::None, "sha256:xyz"));
     assert!(msg.contains("64 lowercase hex"), "{msg}");
+
+    // Compressed layers are hashed by the inflating thread: the same check, the same cleanup.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let gz = gz.finish().unwrap();
+    match s.unpack(&gz, Compression::Gzip, &wrong) {
+        Err(Error::DigestMismatch { expected, actual, .. }) => {
+            assert_eq!(expected, wrong);
+            assert_eq!(actual, diff_id(&tar));
+        }
+        other => panic!("expected DigestMismatch, got {other:?}"),
+    }
+    assert!(s.layer_names().is_empty(), "{:?}", s.layer_names());
+    s.unpack(&gz, Compression::Gzip, &diff_id(&tar)).expect("the right diff_id unpacks");
 }
 
 #[test]
