@@ -115,3 +115,47 @@ fn instance_logs_rotate_at_the_configured_size() {
     let last = text.lines().last().unwrap_or_default();
     assert!(last.contains(" stdout ") && last.contains("REQUEST_299"), "last line: {last:?}");
 }
+
+#[test]
+fn leftovers_without_an_instance_record_or_dir_are_swept_at_start() {
+    let registry = Registry::start();
+    let image = common::push_busybox_httpd(&registry, "demo/httpd:1");
+    let mut daemon = Daemon::start(&registry);
+    // One instance, so the bridge and the cgroup parent exist.
+    daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080"]);
+    daemon.cli_ok(&["app", "start", "web"]);
+    daemon.kill9();
+
+    // What a crash between two steps of an instance's creation leaves, for an instance the
+    // database never recorded: a cgroup, libcontainer state, a network namespace, a veth on the
+    // bridge. No instance directory.
+    let uid = common::unique_hex(12);
+    let names = daemon.names().clone();
+    let cgroup = daemon.cgroup_file(&uid, "pids", "");
+    std::fs::create_dir_all(&cgroup).expect("create cgroup");
+    let state = daemon.run_dir().join("containers").join(&uid);
+    std::fs::create_dir_all(&state).expect("create state dir");
+    let netns = daemon.run_dir().join("netns").join(&uid);
+    std::fs::write(&netns, b"").expect("netns mount point");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).output().expect("run");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["unshare", &format!("--net={}", netns.display()), "true"]);
+    let veth = deliverous_runtime::network::veth_name(&names.veth_prefix, &uid);
+    let peer = format!("dlvp{}", common::unique_hex(8));
+    run(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+    run(&["ip", "link", "set", &veth, "master", &names.bridge]);
+
+    daemon.restart();
+    assert!(!cgroup.exists(), "cgroup {} left", cgroup.display());
+    assert!(!state.exists(), "libcontainer state {} left", state.display());
+    assert!(!netns.exists(), "netns {} left", netns.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(!mounts.contains(&uid), "the netns mount of {uid} is left");
+    assert!(!std::path::Path::new("/sys/class/net").join(&veth).exists(), "veth {veth} left");
+    assert!(!std::path::Path::new("/sys/class/net").join(&peer).exists(), "its peer {peer} left");
+    // The real instance was re-attached, untouched.
+    let (status, body) = http_get(daemon.proxy_addr(), "web.localhost", "/");
+    assert_eq!(status, 200, "{body}");
+}
