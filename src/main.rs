@@ -41,6 +41,8 @@ enum Command {
     #[command(after_help = "Examples:\n  deliverous logs web --tail 100\n  deliverous logs web -f --since 10m\n  \
         deliverous logs web --instance web.2 --timestamps")]
     Logs(cli::LogsArgs),
+    /// Print a shell completion script: `deliverous completions bash > /etc/bash_completion.d/deliverous`.
+    Completions { shell: clap_complete::Shell },
     /// Named volumes: ls, rm.
     #[command(subcommand)]
     Volume(cli::VolumeCommand),
@@ -107,6 +109,14 @@ fn main() -> ExitCode {
         Command::Daemon(args) => daemon::main(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "deliverous", &mut script);
+            // A closed pipe (`| head`) is not an error worth a message.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            ExitCode::SUCCESS
+        }
         Command::Logs(args) => with_client(&cli.host, |host| async move { cli::run_logs(&host, args).await }),
         Command::Volume(cmd) => with_client(&cli.host, |host| async move { cli::run_volume(&host, cmd).await }),
         Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {

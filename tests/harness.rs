@@ -150,3 +150,18 @@ fn daemon_fixture_starts_and_cleans_up() {
     }
     assert_eq!(names.leaks(), "");
 }
+
+#[test]
+fn shell_completions_are_printed_for_bash_zsh_and_fish() {
+    for (shell, marker) in
+        [("bash", "complete -F _deliverous"), ("zsh", "#compdef deliverous"), ("fish", "complete -c deliverous")]
+    {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_deliverous"))
+            .args(["completions", shell])
+            .output()
+            .expect("run deliverous completions");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && script.contains(marker), "{shell}: {script}");
+        assert!(script.contains("logs") && script.contains("registry"), "{shell}: subcommands missing");
+    }
+}
