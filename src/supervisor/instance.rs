@@ -66,6 +66,7 @@ impl Supervisor {
         slot: u32,
     ) -> Result<String, SupervisorError> {
         let uid = new_uid();
+        let began = std::time::Instant::now();
         let row = self.store.insert_instance(&uid, &app.name, slot, rev.number, self.hosts())?;
         let prepared = {
             let me = self.clone();
@@ -80,6 +81,7 @@ impl Supervisor {
                 return Err(SupervisorError::Instance(format!("cannot prepare instance {}.{slot}: {msg}", app.name)));
             }
         };
+        let prepared_at = began.elapsed();
         let pid = match self.spawn_shim(&row).await {
             Ok(pid) => pid,
             Err(msg) => {
@@ -101,8 +103,17 @@ impl Supervisor {
             },
         );
         tracing::info!(app = %app.name, "instance {}.{slot} ({uid}) started, pid {pid}, ip {}", app.name, row.ip);
+        let started_at = began.elapsed();
         self.spawn_watcher(row.clone(), done_tx);
         self.wait_ready(&uid, SocketAddr::from((row.ip, rev.spec.port))).await;
+        tracing::debug!(
+            app = %app.name,
+            "instance {}.{slot} start: prepared (rootfs, spec, network) after {} ms, running after {} ms, ready after {} ms",
+            app.name,
+            prepared_at.as_millis(),
+            started_at.as_millis(),
+            began.elapsed().as_millis()
+        );
         Ok(uid)
     }
 

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::{free_port, leaks, run_with_timeout, send_signal, tail, unique_hex, Registry};
 
+/// Log filter for test daemons (and their shims, which inherit it): the daemon's own debug
+/// lines, libcontainer only when something goes wrong.
+const DAEMON_LOG: &str = "info,deliverous=debug,libcontainer=warn,libcgroups=error,libcontainer::seccomp=error";
 const BINARY: &str = env!("CARGO_BIN_EXE_deliverous");
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -142,7 +145,7 @@ impl Daemon {
             .env("DELIVEROUS_AUTH_FILE", self.auth_file())
             .env("DOCKER_CONFIG", self.names.dir.join("docker"))
             .env("RUST_BACKTRACE", "1")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,deliverous=debug".into()))
+            .env("DELIVEROUS_LOG", std::env::var("DELIVEROUS_LOG").unwrap_or_else(|_| DAEMON_LOG.into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
