@@ -381,14 +381,7 @@ pub async fn check_login(host: &str, username: &str, secret: &str, insecure: boo
     if status != reqwest::StatusCode::UNAUTHORIZED {
         return Err(registry_error(format!("GET {url} answered {status}; expected 401 or 200 from a registry")));
     }
-    let challenges = first
-        .headers()
-        .get_all(reqwest::header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(parse_challenges)
-        .collect::<Vec<_>>();
-    let Some(bearer) = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer")) else {
+    let Some(bearer) = bearer_challenge(&first) else {
         // A basic challenge (or none): the registry checks the credentials itself.
         let second = http.get(&url).basic_auth(username, Some(secret)).send().await.map_err(unreachable)?;
         let status = second.status();
@@ -400,7 +393,7 @@ pub async fn check_login(host: &str, username: &str, secret: &str, insecure: boo
             s => Err(registry_error(format!("GET {url} with credentials answered {s}"))),
         };
     };
-    let realm = token_realm(bearer, plain_http).map_err(registry_error)?;
+    let realm = token_realm(&bearer, plain_http).map_err(registry_error)?;
     let mut query = vec![("account", username), ("client_id", "deliverous"), ("offline_token", "true")];
     if let Some(service) = bearer.param("service") {
         query.push(("service", service));
@@ -439,21 +432,14 @@ pub(crate) async fn access_token(
     let registry_error = |message: String| Error::Registry { registry: registry.to_string(), message };
     let unreachable = |e: reqwest::Error| Error::Unreachable { registry: registry.to_string(), reason: chain(&e) };
     let first = http.get(&url).send().await.map_err(unreachable)?;
-    let challenges = first
-        .headers()
-        .get_all(reqwest::header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(parse_challenges)
-        .collect::<Vec<_>>();
-    let Some(bearer) = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer")) else {
+    let Some(bearer) = bearer_challenge(&first) else {
         return Err(registry_error(format!(
             "GET {url} answered {} without a bearer challenge; an identity token needs a registry with a token \
              service: log in with a password or access token instead",
             first.status()
         )));
     };
-    let realm = token_realm(bearer, plain_http).map_err(registry_error)?;
+    let realm = token_realm(&bearer, plain_http).map_err(registry_error)?;
     let scope = format!("repository:{repository}:pull");
     let mut form = vec![
         ("grant_type", "refresh_token"),
@@ -487,6 +473,17 @@ fn http_client(registry: &str) -> Result<reqwest::Client, Error> {
     reqwest::Client::builder().connect_timeout(Duration::from_secs(15)).timeout(LOGIN_TIMEOUT).build().map_err(|e| {
         Error::Registry { registry: registry.to_string(), message: format!("cannot build an HTTP client: {e}") }
     })
+}
+
+/// The `Bearer` challenge of a response's `WWW-Authenticate` headers, if it has one.
+fn bearer_challenge(response: &reqwest::Response) -> Option<Challenge> {
+    response
+        .headers()
+        .get_all(reqwest::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(parse_challenges)
+        .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
 }
 
 /// The realm of a bearer challenge, refusing to send credentials to a plain-HTTP token service

@@ -8,14 +8,11 @@
 //! (`deliverous_runtime::spec::render`, default capabilities and seccomp profile) for ARG...,
 //! joining the network namespace file NETNS, so every runtime compared runs the same spec.
 
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use deliverous_runtime::shim;
 use deliverous_runtime::spec::{self, InstanceSpec, Process, Resources};
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::syscall::syscall::SyscallType;
-use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitStatus};
 
 fn main() -> ExitCode {
@@ -63,28 +60,11 @@ fn run(bundle: &str, id: &str, state_root: &str) -> Result<u8, String> {
     // As the shim: orphans of the container are ours to reap.
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_root_path(state_root)
-        .map_err(|e| format!("libcontainer state root {state_root}: {e}"))?
-        .with_stdin(OwnedFd::from(devnull))
-        .with_stdout(out_w)
-        .with_stderr(err_w)
-        .as_init(bundle)
-        .with_systemd(false)
-        .with_detach(true)
-        .build()
-        .map_err(|e| format!("cannot create container: {e}"))?;
-    if let Err(e) = container.start() {
-        let _ = container.delete(true);
-        return Err(format!("cannot start container: {e}"));
-    }
-    let pid = container.pid().ok_or("container started but has no pid")?;
+    let started = shim::start_container(id, Path::new(bundle), Path::new(state_root))?;
+    let (mut container, pid) = (started.container, started.pid);
     // The shim polls the pipes; the benchmarked commands print nothing, so they are only
     // kept open (a write end closed early would give the container EPIPE) and dropped at the end.
-    let _pipes = (out_r, err_r);
+    let _pipes = (started.stdout, started.stderr);
     let code = loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => break code as u8,

@@ -635,12 +635,7 @@ async fn app_logs(
             return Err(ApiError::bad_request(format!("invalid instance {i:?}: expected {name}.N, e.g. {name}.1")));
         }
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
-    let line = |l: &crate::logs::LogLine| {
-        let mut bytes = serde_json::to_vec(l).unwrap_or_default();
-        bytes.push(b'\n');
-        bytes::Bytes::from(bytes)
-    };
+    let (tx, response) = json_lines()?;
     tokio::spawn(async move {
         let sources = sup.log_sources(&name, q.instance.as_deref());
         // Positioned before the history is read: a line written meanwhile may come twice, but
@@ -652,7 +647,7 @@ async fn app_logs(
         let (tail, since2, sources2) = (q.tail, since.clone(), sources.clone());
         let past = tokio::task::spawn_blocking(move || crate::logs::history(&sources2, since2.as_deref(), tail)).await;
         for l in past.unwrap_or_default() {
-            if tx.send(line(&l)).is_err() {
+            if !tx.send(&l) {
                 return;
             }
         }
@@ -673,19 +668,13 @@ async fn app_logs(
             let Ok((back, lines)) = polled else { return };
             follower = back;
             for l in lines {
-                if tx.send(line(&l)).is_err() {
+                if !tx.send(&l) {
                     return;
                 }
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
-    Response::builder()
-        .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
-        .body(axum::body::Body::from_stream(stream))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    Ok(response)
 }
 
 /// `image prune`: layers and blobs no image uses.
@@ -714,16 +703,11 @@ async fn pull_image(
             serde_json::to_value(image).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         return Ok(Json(value).into_response());
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
-    let line = |v: &Value| {
-        let mut bytes = serde_json::to_vec(v).unwrap_or_default();
-        bytes.push(b'\n');
-        bytes::Bytes::from(bytes)
-    };
+    let (tx, response) = json_lines()?;
     let events = tx.clone();
     let mut opts = sup.pull_options();
     opts.progress = Some(deliverous_images::Progress::new(move |event| {
-        let _ = events.send(line(&json!(event)));
+        events.send(&event);
     }));
     tokio::spawn(async move {
         let last = match sup.images().pull(&reference, &opts).await {
@@ -731,14 +715,40 @@ async fn pull_image(
             Err(e) => json!({"event": "error", "error": e.to_string()}),
         };
         drop(opts);
-        let _ = tx.send(line(&last));
+        tx.send(&last);
     });
     // Ends when the pull task and its progress callback have dropped their senders.
+    Ok(response)
+}
+
+/// The sending side of a streamed answer of JSON lines (`application/x-ndjson`).
+#[derive(Clone)]
+struct JsonLines(tokio::sync::mpsc::UnboundedSender<bytes::Bytes>);
+
+impl JsonLines {
+    /// Sends one line; false once the client has gone away.
+    fn send(&self, value: &impl Serialize) -> bool {
+        let mut line = serde_json::to_vec(value).unwrap_or_default();
+        line.push(b'\n');
+        self.0.send(bytes::Bytes::from(line)).is_ok()
+    }
+
+    /// Resolves when the client has gone away.
+    async fn closed(&self) {
+        self.0.closed().await
+    }
+}
+
+/// A response streaming what is sent through the returned [`JsonLines`]; it ends when every
+/// clone of it is dropped.
+fn json_lines() -> Result<(JsonLines, Response), ApiError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
     });
-    Response::builder()
+    let response = Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
         .body(axum::body::Body::from_stream(stream))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((JsonLines(tx), response))
 }

@@ -60,7 +60,7 @@ pub fn run(cfg: ShimConfig) -> i32 {
             return 1;
         }
     };
-    let started = match start_container(&cfg) {
+    let started = match start_container(&cfg.id, &cfg.bundle, &cfg.state_root) {
         Ok(started) => started,
         Err(msg) => {
             log.line("shim", msg.as_bytes());
@@ -87,24 +87,28 @@ pub fn run(cfg: ShimConfig) -> i32 {
     serve(&cfg, started, listener, log)
 }
 
-struct Started {
-    container: Container,
-    pid: Pid,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+/// A running container and the read ends of its stdout and stderr pipes.
+pub struct Started {
+    pub container: Container,
+    pub pid: Pid,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
 }
 
-fn start_container(cfg: &ShimConfig) -> Result<Started, String> {
+/// Builds and starts container `id` from `bundle` (its `config.json`), its stdin on /dev/null
+/// and its stdout/stderr on pipes; libcontainer keeps its state under `state_root`. Must run in
+/// a single-threaded process (see ARCHITECTURE.md); the container's init is our child.
+pub fn start_container(id: &str, bundle: &Path, state_root: &Path) -> Result<Started, String> {
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    let mut container = ContainerBuilder::new(cfg.id.clone(), SyscallType::default())
-        .with_root_path(&cfg.state_root)
-        .map_err(|e| format!("libcontainer state root {}: {e}", cfg.state_root.display()))?
+    let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(state_root)
+        .map_err(|e| format!("libcontainer state root {}: {e}", state_root.display()))?
         .with_stdin(OwnedFd::from(devnull))
         .with_stdout(out_w)
         .with_stderr(err_w)
-        .as_init(&cfg.bundle)
+        .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
         .build()
