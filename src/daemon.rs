@@ -13,7 +13,8 @@ use deliverous_images::ImageStore;
 use deliverous_runtime::network::{HostNetwork, NetworkConfig};
 
 use crate::apps::store::Store;
-use crate::proxy::{Proxy, RouteTable};
+use crate::proxy::cli::ProxyFlags;
+use crate::proxy::RouteTable;
 use crate::supervisor::{Settings, Supervisor};
 
 #[derive(Debug, clap::Args)]
@@ -71,15 +72,12 @@ pub struct DaemonArgs {
     /// Seconds an instance gets to exit after its stop signal, before SIGKILL.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
+    #[command(flatten)]
+    proxy: ProxyFlags,
 }
 
 pub fn main(args: DaemonArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,14 +128,23 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         nft_table: args.nft_table.clone(),
         veth_prefix: args.veth_prefix.clone(),
     };
-    // Bind both listeners before touching the host: a port in use is reported at once and
+    // Bind every listener before touching the host: a port in use is reported at once and
     // leaves no bridge or nft table behind.
-    let proxy_listener = tokio::net::TcpListener::bind(args.http_listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} for the proxy (is another server using it? choose another --http-listen)",
-            args.http_listen
-        )
-    })?;
+    let routes = Arc::new(RouteTable::default());
+    let proxy_options = args.proxy.options(vec![args.http_listen])?;
+    let certs = proxy_options.certs.clone();
+    let proxy = crate::proxy::start(proxy_options, routes.clone()).context(
+        "cannot start the proxy (choose other --http-listen / --https-listen addresses if the ports are taken)",
+    )?;
+    let _cert_watch = certs.as_ref().map(|c| c.watch(Duration::from_secs(5)));
+    let metrics_listener = match args.proxy.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        ),
+        None => None,
+    };
     if let Some(parent) = api_socket.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -155,7 +162,6 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || net.ensure()).await?.context("cannot set up the host network")?;
     }
 
-    let routes = Arc::new(RouteTable::default());
     let settings = Settings {
         data_dir: args.data_dir.clone(),
         run_dir: args.run_dir.clone(),
@@ -168,18 +174,25 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ready_timeout: Duration::from_secs(30),
         allow_binds: args.allow_binds.clone(),
         keep_revisions: args.keep_revisions,
+        proxy_ports: proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.port()).collect(),
     };
     let sup = Supervisor::new(settings, store, images, net, routes.clone());
     sup.recover().await.context("cannot recover instances from the previous run")?;
 
-    let proxy = Proxy::new(routes);
-    let proxy_task = tokio::spawn(proxy.serve(proxy_listener));
-    tracing::info!("proxy listening on {}, API on {}", args.http_listen, api_socket.display());
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::proxy::cli::serve_metrics(l, routes.clone()));
+    }
+    tracing::info!(
+        "proxy listening on {:?} (https: {:?}), API on {}",
+        proxy.http_addrs,
+        proxy.https_addrs,
+        api_socket.display()
+    );
 
     let app = crate::api::router(sup.clone());
     axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await.context("API server failed")?;
 
-    proxy_task.abort();
+    drop(proxy);
     sup.shutdown();
     let _ = std::fs::remove_file(&api_socket);
     tracing::info!("daemon stopped");

@@ -51,6 +51,8 @@ enum Command {
     Registry(cli::RegistryCommand),
     /// Run the daemon (API, supervisor, proxy).
     Daemon(daemon::DaemonArgs),
+    /// Run the reverse proxy alone, with a route table from a file (re-read on SIGHUP).
+    Proxy(proxy::cli::StandaloneArgs),
     /// Run one instance's shim (started by the daemon).
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -107,6 +109,7 @@ fn main() -> ExitCode {
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Command::Daemon(args) => daemon::main(args),
+        Command::Proxy(args) => proxy::cli::standalone(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
         Command::Completions { shell } => {
@@ -127,6 +130,16 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Logs to stderr, filtered by `DELIVEROUS_LOG` (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn with_client<F, Fut>(host: &str, f: F) -> ExitCode

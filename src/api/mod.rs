@@ -114,6 +114,89 @@ pub struct CreateApp {
     pub domains: Vec<String>,
     #[serde(default)]
     pub instances: Option<i64>,
+    #[serde(default)]
+    pub routing: RoutingPatch,
+}
+
+/// Proxy settings in a create or config request; only the fields present change.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingPatch {
+    /// `/path` (HTTP check), `tcp` (connect check) or `none`.
+    pub health: Option<String>,
+    pub health_interval_ms: Option<u64>,
+    pub health_timeout_ms: Option<u64>,
+    pub health_rise: Option<u32>,
+    pub health_fall: Option<u32>,
+    pub balance: Option<crate::proxy::Balance>,
+    pub connect_timeout_ms: Option<u64>,
+    pub read_timeout_ms: Option<u64>,
+    pub total_timeout_ms: Option<u64>,
+    /// `0` / `"none"` removes the limit.
+    pub max_body: Option<Size>,
+    pub strip_prefix: Option<bool>,
+    pub drain_timeout_ms: Option<u64>,
+    /// Replaces the published TCP ports (`["6379", "16379:6379"]`; `[]` clears them).
+    pub tcp: Option<Vec<String>>,
+}
+
+impl RoutingPatch {
+    fn apply(self, r: &mut apps::Routing) -> Result<(), ApiError> {
+        match self.health.as_deref() {
+            Some("none" | "") => r.health = None,
+            Some(kind) => {
+                let mut check = r.health.clone().unwrap_or_else(|| crate::proxy::HealthCheck::http("/"));
+                check.path = match kind {
+                    "tcp" => None,
+                    path if path.starts_with('/') => Some(path.to_string()),
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid health check {other:?}: expected a path such as /healthz, \"tcp\" or \"none\""
+                        )))
+                    }
+                };
+                r.health = Some(check);
+            }
+            None => {}
+        }
+        let timing_given = self.health_interval_ms.is_some() || self.health_timeout_ms.is_some();
+        if timing_given || self.health_rise.is_some() || self.health_fall.is_some() {
+            let Some(check) = r.health.as_mut() else {
+                return Err(ApiError::bad_request("health check timing given without a health check (set health)"));
+            };
+            check.interval_ms = self.health_interval_ms.unwrap_or(check.interval_ms);
+            check.timeout_ms = self.health_timeout_ms.unwrap_or(check.timeout_ms);
+            check.rise = self.health_rise.unwrap_or(check.rise);
+            check.fall = self.health_fall.unwrap_or(check.fall);
+        }
+        if let Some(b) = self.balance {
+            r.balance = b;
+        }
+        for (given, field) in [
+            (self.connect_timeout_ms, &mut r.connect_timeout_ms),
+            (self.read_timeout_ms, &mut r.read_timeout_ms),
+            (self.total_timeout_ms, &mut r.total_timeout_ms),
+            (self.drain_timeout_ms, &mut r.drain_timeout_ms),
+        ] {
+            if given.is_some() {
+                *field = given;
+            }
+        }
+        if let Some(m) = &self.max_body {
+            r.max_body = m.bytes()?;
+        }
+        if let Some(s) = self.strip_prefix {
+            r.strip_prefix = s;
+        }
+        if let Some(ports) = self.tcp {
+            r.tcp = ports
+                .iter()
+                .map(|p| apps::parse_tcp_port(p))
+                .collect::<Result<_, _>>()
+                .map_err(ApiError::bad_request)?;
+        }
+        Ok(())
+    }
 }
 
 /// A change of configuration: only the fields present change. `env` values of `null` unset the
@@ -140,6 +223,8 @@ pub struct ConfigPatch {
     pub add_domains: Vec<String>,
     #[serde(default)]
     pub remove_domains: Vec<String>,
+    #[serde(default)]
+    pub routing: RoutingPatch,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +264,7 @@ pub struct AppView {
     pub cap_drop: Vec<String>,
     pub domains: Vec<String>,
     pub hosts: Vec<String>,
+    pub routing: apps::Routing,
     pub instances_desired: u32,
     pub revision: Option<RevisionView>,
     pub instances: Vec<InstanceView>,
@@ -213,6 +299,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         cap_drop: app.spec.cap_drop.clone(),
         domains: app.spec.domains.clone(),
         hosts: sup.hosts_of(app),
+        routing: app.spec.routing.clone(),
         instances_desired: app.instances,
         revision,
         instances: sup.instances_of(&app.name),
@@ -220,6 +307,27 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         created_at: app.created_at.clone(),
         updated_at: app.updated_at.clone(),
     })
+}
+
+/// A raw TCP port belongs to one app, and is not the proxy's own.
+fn check_tcp_ports(sup: &Supervisor, name: &str, spec: &AppSpec) -> Result<(), ApiError> {
+    for port in &spec.routing.tcp {
+        if sup.settings().proxy_ports.contains(&port.listen) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("TCP port {} is the proxy's own HTTP(S) port", port.listen),
+            ));
+        }
+        for other in sup.store().apps()? {
+            if other.name != name && other.spec.routing.tcp.iter().any(|p| p.listen == port.listen) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("TCP port {} is already published by app {}", port.listen, other.name),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `net_admin` → `CAP_NET_ADMIN`, without duplicates; unknown names are a 400.
@@ -252,6 +360,7 @@ fn check_count(n: i64) -> Result<u32, ApiError> {
 
 pub fn router(sup: Arc<Supervisor>) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/apps", post(create_app).get(list_apps))
         .route("/v1/apps/{name}", get(show_app).patch(config_app).delete(remove_app))
         .route("/v1/apps/{name}/start", post(start_app))
@@ -267,6 +376,11 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/volumes/{name}", delete(remove_volume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
         .with_state(sup)
+}
+
+/// The proxy's counters and histograms, in the Prometheus text format.
+async fn metrics(State(sup): State<Arc<Supervisor>>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::proxy::metrics::render(sup.routes()))
 }
 
 async fn create_app(
@@ -288,11 +402,14 @@ async fn create_app(
         volumes: req.volumes,
         cap_add: normalize_caps(req.cap_add)?,
         cap_drop: normalize_caps(req.cap_drop)?,
-        domains: req.domains,
+        domains: req.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         ..AppSpec::new(req.image, req.port)
     };
+    let mut spec = spec;
+    req.routing.apply(&mut spec.routing)?;
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
+    check_tcp_ports(&sup, &req.name, &spec)?;
     let instances = check_count(req.instances.unwrap_or(1))?;
     if !sup.store().create_app(&req.name, &spec, instances)? {
         return Err(ApiError::new(
@@ -410,12 +527,15 @@ async fn config_app(
         }
     }
     spec.domains.retain(|d| !patch.remove_domains.iter().any(|r| r.eq_ignore_ascii_case(d)));
+    patch.routing.apply(&mut spec.routing)?;
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
+    check_tcp_ports(&sup, &name, &spec)?;
     if spec == app.spec {
         return Ok(Json(view(&sup, &app)?));
     }
-    let app = if app.running {
+    // Routing alone changes nothing inside the instances: no new revision, no restart.
+    let app = if app.running && !spec.same_but_routing(&app.spec) {
         deploy(&sup, app, spec).await?
     } else {
         app.spec = spec;

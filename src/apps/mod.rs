@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::proxy::{Balance, HealthCheck, RouteOptions, TcpPort};
+
 /// Process (and thread) limit of an instance unless its app sets one, as Docker's `--pids-limit`
 /// commonly is in production; a fork bomb stops there.
 pub const DEFAULT_PIDS: u32 = 4096;
@@ -48,9 +50,140 @@ pub struct AppSpec {
     /// Capabilities removed from Docker's default set (`ALL` drops every one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cap_drop: Vec<String>,
-    /// Extra host names routed to the app, besides `<name>.<domain suffix>`.
+    /// Extra host names routed to the app, besides `<name>.<domain suffix>`: `example.com`,
+    /// `*.example.com`, optionally with a path prefix (`example.com/api`).
     #[serde(default)]
     pub domains: Vec<String>,
+    /// How the proxy treats the app's traffic.
+    #[serde(default, skip_serializing_if = "Routing::is_default")]
+    pub routing: Routing,
+}
+
+/// Proxy settings of an app; each `None` is the proxy's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Routing {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+    pub balance: Balance,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_timeout_ms: Option<u64>,
+    /// 0 = no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_timeout_ms: Option<u64>,
+    /// Largest request body, in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<u64>,
+    pub strip_prefix: bool,
+    /// How long a leaving instance may finish its requests before it is signalled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_ms: Option<u64>,
+    /// Raw TCP ports published by the app.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpPort>,
+}
+
+/// A leaving instance finishes its requests for at most this long unless its app says otherwise.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+/// Timeouts above a day are typos.
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+impl Routing {
+    pub fn is_default(&self) -> bool {
+        self == &Routing::default()
+    }
+
+    /// The proxy's options for the app.
+    pub fn options(&self) -> RouteOptions {
+        let d = RouteOptions::default();
+        RouteOptions {
+            balance: self.balance,
+            connect_timeout_ms: self.connect_timeout_ms.unwrap_or(d.connect_timeout_ms),
+            read_timeout_ms: self.read_timeout_ms.unwrap_or(d.read_timeout_ms),
+            total_timeout_ms: self.total_timeout_ms.unwrap_or(d.total_timeout_ms),
+            max_body: self.max_body,
+            retries: d.retries,
+            strip_prefix: self.strip_prefix,
+            health: self.health.clone(),
+        }
+    }
+
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let timeouts = [
+            ("connect timeout", self.connect_timeout_ms),
+            ("read timeout", self.read_timeout_ms),
+            ("total timeout", self.total_timeout_ms),
+            ("drain timeout", self.drain_timeout_ms),
+        ];
+        for (what, t) in timeouts {
+            if t.is_some_and(|t| t > MAX_TIMEOUT_MS) {
+                return Err(format!("invalid {what}: at most 24h"));
+            }
+        }
+        if self.connect_timeout_ms == Some(0) || self.read_timeout_ms == Some(0) {
+            return Err("connect and read timeouts must be above 0".into());
+        }
+        if let Some(h) = &self.health {
+            if let Some(p) = &h.path {
+                if !p.starts_with('/') || p.len() > 1024 || p.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                    return Err(format!("invalid health check path {p:?}: expected an absolute path such as /healthz"));
+                }
+            }
+            if !(100..=3_600_000).contains(&h.interval_ms) || !(10..=600_000).contains(&h.timeout_ms) {
+                return Err("invalid health check timing: interval 100ms to 1h, timeout 10ms to 10m".into());
+            }
+            if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
+                return Err("invalid health check thresholds: 1 to 100".into());
+            }
+        }
+        let mut seen = Vec::new();
+        for p in &self.tcp {
+            if p.listen == 0 || p.target == 0 {
+                return Err("invalid TCP port 0".into());
+            }
+            if seen.contains(&p.listen) {
+                return Err(format!("TCP port {} is published twice", p.listen));
+            }
+            seen.push(p.listen);
+        }
+        Ok(())
+    }
+}
+
+/// `6379` or `16379:6379` (host port : instance port).
+pub fn parse_tcp_port(text: &str) -> Result<TcpPort, String> {
+    let bad = || format!("invalid TCP port {text:?}: expected PORT or LISTEN:TARGET, e.g. 6379 or 16379:6379");
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad);
+    match text.split_once(':') {
+        Some((listen, target)) => Ok(TcpPort { listen: port(listen)?, target: port(target)? }),
+        None => port(text).map(|p| TcpPort { listen: p, target: p }),
+    }
+}
+
+/// `500ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult = match unit {
+        "ms" => 1.0,
+        "" | "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return Err(format!("invalid duration {text:?}: expected e.g. 500ms, 5s, 2m or 1h")),
+    };
+    let value: f64 = num.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 5s, 2m"))?;
+    let ms = value * mult;
+    if !ms.is_finite() || !(0.0..=MAX_TIMEOUT_MS as f64).contains(&ms) {
+        return Err(format!("invalid duration {text:?}: 0 to 24h"));
+    }
+    Ok(ms.round() as u64)
 }
 
 impl AppSpec {
@@ -69,7 +202,16 @@ impl AppSpec {
             cap_add: Vec::new(),
             cap_drop: Vec::new(),
             domains: Vec::new(),
+            routing: Routing::default(),
         }
+    }
+
+    /// The two specs differ only in how the proxy routes to the app: no new instances needed.
+    pub fn same_but_routing(&self, other: &AppSpec) -> bool {
+        let mut a = self.clone();
+        a.routing = other.routing.clone();
+        a.domains = other.domains.clone();
+        &a == other
     }
 }
 
@@ -128,7 +270,17 @@ pub fn validate_env_key(key: &str) -> Result<(), String> {
     }
 }
 
-pub fn validate_domain(domain: &str) -> Result<(), String> {
+/// `example.com`, `*.example.com`, `example.com/api`.
+pub fn validate_domain(entry: &str) -> Result<(), String> {
+    let (host, prefix) = crate::proxy::routes::split_host_prefix(entry);
+    let domain = host.strip_prefix("*.").unwrap_or(host);
+    if !prefix.is_empty()
+        && (prefix.len() > 512
+            || prefix.contains("//")
+            || prefix.bytes().any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#'))
+    {
+        return Err(format!("invalid path prefix {prefix:?} in {entry:?}: expected e.g. example.com/api"));
+    }
     let labels_ok = domain.split('.').all(|l| {
         !l.is_empty()
             && l.len() <= 63
@@ -139,7 +291,9 @@ pub fn validate_domain(domain: &str) -> Result<(), String> {
     if !domain.is_empty() && domain.len() <= 253 && labels_ok {
         Ok(())
     } else {
-        Err(format!("invalid domain {domain:?}: expected a host name such as app.example.com"))
+        Err(format!(
+            "invalid domain {entry:?}: expected a host name such as app.example.com, *.example.com or example.com/api"
+        ))
     }
 }
 
@@ -193,7 +347,7 @@ impl AppSpec {
         for d in &self.domains {
             validate_domain(d)?;
         }
-        Ok(())
+        self.routing.validate()
     }
 }
 
@@ -250,6 +404,26 @@ mod tests {
         for bad in ["", "Web", "2web", "web-", "we_b", "web.1", &"a".repeat(41)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn domains_ports_and_durations() {
+        for good in ["example.com", "*.example.com", "example.com/api", "*.a.example.com/v1/"] {
+            assert!(validate_domain(good).is_ok(), "{good}");
+        }
+        for bad in ["", "*.", "exa mple.com", "a..b", "example.com/a b", "example.com/a?b", "**.example.com"] {
+            assert!(validate_domain(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_tcp_port("6379"), Ok(TcpPort { listen: 6379, target: 6379 }));
+        assert_eq!(parse_tcp_port("16379:6379"), Ok(TcpPort { listen: 16379, target: 6379 }));
+        assert!(parse_tcp_port("0").is_err());
+        assert!(parse_tcp_port("70000").is_err());
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("5"), Ok(5000));
+        assert_eq!(parse_duration_ms("1.5s"), Ok(1500));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert!(parse_duration_ms("5x").is_err());
+        assert!(parse_duration_ms("48h").is_err());
     }
 
     #[test]

@@ -105,9 +105,56 @@ pub struct Settings {
     /// Capability to drop from the default set, e.g. NET_RAW or ALL (repeatable; "none" clears).
     #[arg(long = "cap-drop", value_name = "CAP")]
     cap_drop: Vec<String>,
-    /// Extra host name routed to the app (repeatable).
+    /// Extra host name routed to the app: example.com, *.example.com (every name below it),
+    /// optionally with a path prefix: example.com/api (repeatable).
     #[arg(long = "domain", value_name = "DOMAIN")]
     domains: Vec<String>,
+    /// Health check run by the proxy: an HTTP path that answers 2xx/3xx (e.g. /healthz), "tcp"
+    /// (the port accepts connections) or "none". A failing instance gets no traffic.
+    #[arg(long, value_name = "PATH|tcp|none", help_heading = "Proxy")]
+    health: Option<String>,
+    /// Time between two health checks (default 2s).
+    #[arg(long = "health-interval", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
+    health_interval: Option<u64>,
+    /// Time a health check may take (default 1s).
+    #[arg(long = "health-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
+    health_timeout: Option<u64>,
+    /// Failed checks in a row that take an instance out of rotation (default 3).
+    #[arg(long = "health-fall", value_name = "N", help_heading = "Proxy")]
+    health_fall: Option<u32>,
+    /// Passed checks in a row that bring it back (default 2).
+    #[arg(long = "health-rise", value_name = "N", help_heading = "Proxy")]
+    health_rise: Option<u32>,
+    /// How requests are spread: least-outstanding (default) or round-robin.
+    #[arg(long, value_parser = ["least-outstanding", "round-robin"], help_heading = "Proxy")]
+    balance: Option<String>,
+    /// Time to open a connection to an instance (default 5s).
+    #[arg(long = "connect-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
+    connect_timeout: Option<u64>,
+    /// Time an instance may stay silent: before the response head and between two pieces of
+    /// the body (default 60s).
+    #[arg(long = "read-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
+    read_timeout: Option<u64>,
+    /// Time a whole request may take, body included (default 0: no limit, streams may run for hours).
+    #[arg(long = "total-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
+    total_timeout: Option<u64>,
+    /// Time a leaving instance gets to finish its requests before it is signalled (default 30s).
+    #[arg(long = "drain-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
+    drain_timeout: Option<u64>,
+    /// Largest request body, e.g. 10M ("none": unlimited, the default; bodies are streamed).
+    #[arg(long = "max-body", value_name = "SIZE", help_heading = "Proxy")]
+    max_body: Option<String>,
+    /// Remove the domain's path prefix before forwarding (example.com/api/x → /x).
+    #[arg(long = "strip-prefix", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help_heading = "Proxy")]
+    strip_prefix: Option<bool>,
+    /// Publish a raw TCP port, load-balanced per connection: PORT or LISTEN:TARGET, e.g. 6379 or
+    /// 16379:6379 (repeatable; on `config` the list replaces the old one, "none" clears it).
+    #[arg(long = "tcp", value_name = "PORT", help_heading = "Proxy")]
+    tcp: Vec<String>,
+}
+
+fn duration_ms(text: &str) -> Result<u64, String> {
+    crate::apps::parse_duration_ms(text)
 }
 
 #[derive(Debug, Subcommand)]
@@ -506,6 +553,47 @@ fn add_settings(body: &mut Value, settings: &Settings) {
             body[key] = json!(caps);
         }
     }
+    let mut routing = serde_json::Map::new();
+    let mut set = |key: &str, v: Value| {
+        routing.insert(key.to_string(), v);
+    };
+    if let Some(h) = &settings.health {
+        set("health", json!(h));
+    }
+    for (key, v) in [
+        ("health_interval_ms", settings.health_interval),
+        ("health_timeout_ms", settings.health_timeout),
+        ("connect_timeout_ms", settings.connect_timeout),
+        ("read_timeout_ms", settings.read_timeout),
+        ("total_timeout_ms", settings.total_timeout),
+        ("drain_timeout_ms", settings.drain_timeout),
+    ] {
+        if let Some(v) = v {
+            set(key, json!(v));
+        }
+    }
+    if let Some(n) = settings.health_rise {
+        set("health_rise", json!(n));
+    }
+    if let Some(n) = settings.health_fall {
+        set("health_fall", json!(n));
+    }
+    if let Some(b) = &settings.balance {
+        set("balance", json!(b));
+    }
+    if let Some(m) = &settings.max_body {
+        set("max_body", json!(m));
+    }
+    if let Some(s) = settings.strip_prefix {
+        set("strip_prefix", json!(s));
+    }
+    if !settings.tcp.is_empty() {
+        let ports: Vec<&String> = settings.tcp.iter().filter(|p| !p.eq_ignore_ascii_case("none")).collect();
+        set("tcp", json!(ports));
+    }
+    if !routing.is_empty() {
+        body["routing"] = Value::Object(routing);
+    }
 }
 
 /// `image pull` for people: a progress bar per layer on a terminal, a line per layer otherwise;
@@ -549,6 +637,33 @@ fn list(v: &Value) -> String {
     }
 }
 
+/// `health=/healthz balance=round-robin tcp=6379` — only what differs from the defaults.
+fn routing_summary(r: &Value) -> String {
+    let Some(map) = r.as_object().filter(|m| !m.is_empty()) else { return "defaults".into() };
+    let mut parts = Vec::new();
+    for (k, v) in map {
+        let text = match (k.as_str(), v) {
+            ("health", Value::Object(h)) => {
+                format!("health={}", h.get("path").and_then(Value::as_str).unwrap_or("tcp"))
+            }
+            ("tcp", Value::Array(ports)) => format!(
+                "tcp={}",
+                ports.iter().map(|p| format!("{}:{}", p["listen"], p["target"])).collect::<Vec<_>>().join(",")
+            ),
+            ("balance", b) if b == "least-outstanding" => continue,
+            ("strip_prefix", Value::Bool(false)) => continue,
+            (k, Value::Number(n)) if k.ends_with("_ms") => format!("{}={n}ms", k.trim_end_matches("_ms")),
+            (k, v) => format!("{k}={}", s(v)),
+        };
+        parts.push(text);
+    }
+    if parts.is_empty() {
+        "defaults".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 fn show(app: &Value) {
     let env = app["env"]
         .as_object()
@@ -569,6 +684,7 @@ fn show(app: &Value) {
         ("cap_add", list(&app["cap_add"])),
         ("cap_drop", list(&app["cap_drop"])),
         ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
+        ("routing", routing_summary(&app["routing"])),
         ("instances", s(&app["instances_desired"])),
         (
             "revision",

@@ -343,14 +343,24 @@ impl Supervisor {
     /// Stops an instance (its stop signal, then SIGKILL after the grace period) and waits until
     /// everything it used is gone.
     pub(super) async fn stop_instance(self: &Arc<Self>, uid: &str) {
-        let (mut done, signal, grace) = {
+        let (mut done, signal, grace, app, addr) = {
             let mut live = lock(&self.live);
             let Some(l) = live.get_mut(uid) else { return };
             l.stop_requested = true;
+            let was_routed = l.state == State::Ready;
             l.state = State::Stopping;
-            (l.done.clone(), l.stop_signal, l.stop_grace)
+            (l.done.clone(), l.stop_signal, l.stop_grace, l.row.app.clone(), was_routed.then_some(l.row.ip))
         };
         self.publish_routes();
+        // Out of rotation now; what it is serving may finish before it is signalled.
+        if let Some(ip) = addr {
+            let drain = self.store.app(&app).ok().flatten().map(|a| a.spec.routing.drain_timeout());
+            let drain = drain.unwrap_or(Duration::from_millis(crate::apps::DEFAULT_DRAIN_TIMEOUT_MS));
+            let left = self.routes.drain(ip.into(), drain).await;
+            if left > 0 {
+                tracing::warn!(app = %app, "instance {uid} still had {left} requests in flight at the end of its drain timeout");
+            }
+        }
         let socket = self.settings.shim_socket(uid);
         let req = Request::Stop { signal, timeout_ms: grace.as_millis() as u64 };
         if let Err(e) = send_request(&socket, &req, None).await {

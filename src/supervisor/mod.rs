@@ -18,7 +18,7 @@ use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::apps::store::{InstanceRow, Store, StoreError};
 use crate::apps::{App, AppSpec, Revision};
-use crate::proxy::{Route, RouteTable};
+use crate::proxy::{AppRoute, BackendSpec, RouteConfig, RouteTable};
 
 /// Where everything the daemon creates lives, and the names of its kernel objects.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct Settings {
     /// Revisions kept per app for rollback; older ones, and images only they used, are
     /// collected.
     pub keep_revisions: u32,
+    /// The proxy's own listening ports (an app cannot publish them as TCP ports).
+    pub proxy_ports: Vec<u16>,
 }
 
 impl Settings {
@@ -216,6 +218,10 @@ impl Supervisor {
         &self.settings
     }
 
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -318,21 +324,30 @@ impl Supervisor {
             }
         };
         let live = lock(&self.live);
-        let mut table = HashMap::new();
+        let mut config = RouteConfig::default();
         for app in &apps {
-            let mut backends: Vec<(u32, SocketAddr)> = live
+            let mut backends: Vec<(u32, &str, BackendSpec)> = live
                 .values()
                 .filter(|l| l.row.app == app.name && l.state == State::Ready)
-                .map(|l| (l.row.slot, SocketAddr::from((l.row.ip, app.spec.port))))
+                .map(|l| {
+                    let spec = BackendSpec {
+                        instance: format!("{}.{}", app.name, l.row.slot),
+                        addr: SocketAddr::from((l.row.ip, app.spec.port)),
+                    };
+                    (l.row.slot, l.row.uid.as_str(), spec)
+                })
                 .collect();
-            backends.sort();
-            let route = Arc::new(Route::new(app.name.clone(), backends.into_iter().map(|b| b.1).collect()));
-            for host in self.hosts_of(app) {
-                table.insert(host, route.clone());
-            }
+            backends.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            config.apps.push(AppRoute {
+                app: app.name.clone(),
+                hosts: self.hosts_of(app),
+                backends: backends.into_iter().map(|b| b.2).collect(),
+                options: app.spec.routing.options(),
+                tcp: app.spec.routing.tcp.clone(),
+            });
         }
         drop(live);
-        self.routes.publish(table);
+        self.routes.publish(config);
     }
 
     /// Brings the app's instances to its desired state. The caller holds the app's lock.

@@ -1,0 +1,526 @@
+//! One request through the proxy: route it, rewrite the headers a reverse proxy owns, send it to
+//! an instance (retrying elsewhere when that is safe), and stream the answer back. Upgrades
+//! (WebSocket and any other protocol) become a byte tunnel between client and instance.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+
+use super::body::{AccessInfo, Exchange, RequestBody, ResponseBody, Ticket};
+use super::pool::Pool;
+use super::routes::RouteTable;
+use super::{access, normalize_host};
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The real client: the TCP peer, or what a trusted PROXY protocol header said.
+    pub client: SocketAddr,
+    /// The TCP peer is a trusted proxy: its `X-Forwarded-*` / `Forwarded` headers are kept.
+    pub trusted: bool,
+    pub https: bool,
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TE,
+    hyper::header::TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = hyper::header::FORWARDED;
+
+/// Removes hop-by-hop headers, and those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The client asks to switch protocols (WebSocket, h2c upgrade, …) on an HTTP/1.1 connection.
+fn upgrade_requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let connection_says = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_says.then(|| req.headers().get(UPGRADE).cloned()).flatten()
+}
+
+fn client_wants_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+}
+
+/// Methods a client may send twice without changing the outcome (RFC 9110 §9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+pub struct Forwarder {
+    pub table: Arc<RouteTable>,
+    pub pool: Arc<Pool>,
+}
+
+fn local(status: StatusCode, msg: String, ticket: Option<Ticket>) -> Response<ResponseBody> {
+    let mut ticket = ticket;
+    if let Some(t) = ticket.as_mut() {
+        t.status = status.as_u16();
+    }
+    let mut resp = Response::new(ResponseBody::local(msg, ticket));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+/// 16 random bytes in hex: unique enough to follow one request through every log.
+fn new_request_id() -> HeaderValue {
+    let n: u128 = rand::random();
+    let mut s = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in s.iter_mut().enumerate() {
+        *b = HEX[((n >> (4 * (31 - i))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// An incoming id is kept when it is short and printable.
+fn acceptable_request_id(v: &HeaderValue) -> bool {
+    !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+}
+
+/// `for=` of a `Forwarded` element: IPv6 in quotes and brackets (RFC 7239 §6).
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+/// Sets `X-Forwarded-*`, `Forwarded` and `X-Request-Id`. A trusted peer's forwarding headers are
+/// extended; anyone else's are replaced (a client must not choose the IP the app sees).
+fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &str) -> HeaderValue {
+    let client = info.client.ip();
+    let proto = if info.https { "https" } else { "http" };
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|_| info.trusted) {
+        Some(prev) => format!("{prev}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !(info.trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(info.trusted && headers.contains_key(X_FORWARDED_HOST)) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+    }
+    let host_part = if host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b)) {
+        host.to_string()
+    } else {
+        format!("\"{}\"", host.replace('"', ""))
+    };
+    let element = format!("for={};host={host_part};proto={proto}", forwarded_node(client));
+    let forwarded = match headers.get(FORWARDED).and_then(|v| v.to_str().ok()).filter(|_| info.trusted) {
+        Some(prev) => format!("{prev}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(FORWARDED, v);
+    }
+    match headers.get(X_REQUEST_ID).filter(|v| acceptable_request_id(v)) {
+        Some(v) => v.clone(),
+        None => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID, id.clone());
+            id
+        }
+    }
+}
+
+/// How one attempt to send the request ended.
+enum Attempt {
+    Answered(Response<Incoming>, hyper::client::conn::http1::SendRequest<RequestBody>),
+    /// Nothing reached the instance: the request comes back untouched.
+    NotSent(Option<Request<RequestBody>>),
+    /// The request was (maybe partly) sent, then the exchange failed.
+    Failed(String),
+    TimedOut,
+}
+
+impl Forwarder {
+    pub async fn handle(&self, mut req: Request<Incoming>, info: &ConnInfo) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let raw_host = match req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
+            Some(h) => h.to_string(),
+            None => match req.uri().authority() {
+                Some(a) => a.to_string(),
+                None => return local(StatusCode::BAD_REQUEST, "request has no Host header\n".into(), None),
+            },
+        };
+        let host = normalize_host(&raw_host);
+        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let access_info = access::enabled().then(|| {
+            Box::new(AccessInfo {
+                method: req.method().to_string(),
+                host: host.clone(),
+                path: path_and_query.clone(),
+                client: info.client,
+                request_id: String::new(),
+            })
+        });
+        let mut ticket = Ticket::new(start, access_info);
+        let table = self.table.load();
+        let Some(matched) = table.lookup(&host, req.uri().path()) else {
+            return local(StatusCode::NOT_FOUND, format!("no app is served at {host}\n"), Some(ticket));
+        };
+        let route = matched.route.clone();
+        let prefix = matched.prefix.trim_end_matches('/').to_string();
+        drop(table);
+        ticket.set_app(&route.app, route.metrics.clone());
+        if route.backends.is_empty() {
+            let msg = format!("app {} has no running instance\n", route.app);
+            return local(StatusCode::SERVICE_UNAVAILABLE, msg, Some(ticket));
+        }
+        let opts = &route.options;
+        let declared_len: Option<u64> =
+            req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+        if let (Some(limit), Some(len)) = (opts.max_body, declared_len) {
+            if len > limit {
+                let msg = format!("request body of {len} bytes is larger than app {}'s limit of {limit}\n", route.app);
+                return local(StatusCode::PAYLOAD_TOO_LARGE, msg, Some(ticket));
+            }
+        }
+        let upgrade = upgrade_requested(&req);
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let wants_trailers = client_wants_trailers(&parts.headers);
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(hyper::header::EXPECT);
+        if let Some(proto) = &upgrade {
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, proto.clone());
+        }
+        if wants_trailers {
+            parts.headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+        }
+        if !parts.headers.contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(&raw_host) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+        let request_id = add_forwarding(&mut parts.headers, info, &raw_host);
+        if let Some(a) = ticket.access_mut() {
+            a.request_id = request_id.to_str().unwrap_or("").to_string();
+        }
+        let target = if opts.strip_prefix && !prefix.is_empty() {
+            let rest = &path_and_query[prefix.len().min(path_and_query.len())..];
+            if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            }
+        } else {
+            path_and_query
+        };
+        let uri: Uri = match target.parse() {
+            Ok(u) => u,
+            Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request target\n".into(), Some(ticket)),
+        };
+        let exchange = Exchange::new(start);
+        ticket.set_exchange(exchange.clone());
+        let bodiless = body.is_end_stream() || declared_len == Some(0);
+        // A request without a body can be rebuilt and sent again after a failure; one with a
+        // body only while nothing of it was sent.
+        let replayable = bodiless && idempotent(&parts.method) && upgrade.is_none();
+        let template = replayable.then(|| (parts.method.clone(), uri.clone(), parts.headers.clone()));
+        let build = |method: Method, uri: Uri, headers: HeaderMap, body: Option<Incoming>| {
+            let mut r = Request::new(RequestBody::new(body, opts.max_body, exchange.clone()));
+            *r.method_mut() = method;
+            *r.uri_mut() = uri;
+            *r.version_mut() = Version::HTTP_11;
+            *r.headers_mut() = headers;
+            r
+        };
+        let mut pending = Some(build(parts.method, uri, parts.headers, (!bodiless).then_some(body)));
+        let deadline = opts.total_timeout().map(|t| tokio::time::Instant::now() + t);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error = String::from("no instance could be tried");
+        let mut timed_out = false;
+        let mut replayed = false;
+        let attempts = 1 + opts.retries as usize;
+        while tried.len() < attempts {
+            let Some(req) = pending
+                .take()
+                .or_else(|| template.as_ref().map(|(m, u, h)| build(m.clone(), u.clone(), h.clone(), None)))
+            else {
+                break;
+            };
+            let Some(idx) = route.pick(&tried) else { break };
+            tried.push(idx);
+            if tried.len() > 1 {
+                route.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let backend = route.backends[idx].clone();
+            let in_flight = backend.enter();
+            let attempt = self.attempt(&backend.addr, req, opts, &exchange, deadline).await;
+            match attempt {
+                Attempt::Answered(resp, sender) => {
+                    ticket.set_backend(in_flight);
+                    return self.respond(
+                        resp,
+                        sender,
+                        backend.addr,
+                        ticket,
+                        client_upgrade,
+                        request_id,
+                        opts,
+                        deadline,
+                    );
+                }
+                Attempt::NotSent(back) => {
+                    backend.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    backend.eject();
+                    last_error = format!("{} ({}): could not connect", backend.instance, backend.addr);
+                    pending = back;
+                }
+                Attempt::Failed(e) => {
+                    backend.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    last_error = format!("{} ({}): {e}", backend.instance, backend.addr);
+                    if exchange.too_large.load(Ordering::Relaxed) {
+                        let limit = opts.max_body.unwrap_or(0);
+                        let msg = format!("request body is larger than app {}'s limit of {limit} bytes\n", route.app);
+                        return local(StatusCode::PAYLOAD_TOO_LARGE, msg, Some(ticket));
+                    }
+                    backend.eject();
+                    // Replayed once at most: a request that itself kills instances (a memory
+                    // bomb) must not take down every one.
+                    if template.is_none() || replayed {
+                        break;
+                    }
+                    replayed = true;
+                }
+                Attempt::TimedOut => {
+                    backend.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    last_error = format!("{} ({}): no response in time", backend.instance, backend.addr);
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        tracing::warn!(app = %route.app, "{}: {last_error}", if timed_out { "gateway timeout" } else { "bad gateway" });
+        if timed_out {
+            local(StatusCode::GATEWAY_TIMEOUT, format!("app {} did not answer in time\n", route.app), Some(ticket))
+        } else {
+            local(StatusCode::BAD_GATEWAY, format!("app {} did not answer\n", route.app), Some(ticket))
+        }
+    }
+
+    /// Sends `req` to `addr` over a pooled or new connection and waits for the response head.
+    async fn attempt(
+        &self,
+        addr: &SocketAddr,
+        req: Request<RequestBody>,
+        opts: &super::routes::RouteOptions,
+        exchange: &Exchange,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Attempt {
+        let mut req = req;
+        // A reused connection may turn out closed: then the request comes back and goes out
+        // on a fresh one (a bounded number of times).
+        for _ in 0..3 {
+            let conn = match self.pool.checkout(*addr, opts.connect_timeout()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    return Attempt::NotSent(Some(req));
+                }
+            };
+            let mut sender = conn.sender;
+            let send = sender.try_send_request(req);
+            tokio::pin!(send);
+            let read_timeout = opts.read_timeout();
+            let result = loop {
+                let mut wait = read_timeout;
+                if let Some(d) = deadline {
+                    wait = wait.min(d.saturating_duration_since(tokio::time::Instant::now()));
+                }
+                match tokio::time::timeout(wait, &mut send).await {
+                    Ok(r) => break Some(r),
+                    // Still uploading: the clock runs from the body's last progress.
+                    Err(_)
+                        if exchange.idle() < read_timeout
+                            && deadline.is_none_or(|d| tokio::time::Instant::now() < d) => {}
+                    Err(_) => break None,
+                }
+            };
+            match result {
+                None => return Attempt::TimedOut,
+                Some(Ok(resp)) => return Attempt::Answered(resp, sender),
+                Some(Err(mut e)) => match e.take_message() {
+                    Some(back) if conn.reused => {
+                        tracing::debug!("pooled connection to {addr} was closed: {}", e.error());
+                        req = back;
+                    }
+                    Some(back) => return Attempt::NotSent(Some(back)),
+                    None => return Attempt::Failed(e.error().to_string()),
+                },
+            }
+        }
+        Attempt::NotSent(Some(req))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &self,
+        resp: Response<Incoming>,
+        sender: hyper::client::conn::http1::SendRequest<RequestBody>,
+        addr: SocketAddr,
+        mut ticket: Ticket,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        request_id: HeaderValue,
+        opts: &super::routes::RouteOptions,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response<ResponseBody> {
+        let mut resp = resp;
+        ticket.status = resp.status().as_u16();
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_side) = client_upgrade {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                let (mut parts, _) = resp.into_parts();
+                let proto = parts.headers.get(UPGRADE).cloned();
+                strip_hop_by_hop(&mut parts.headers);
+                if let Some(p) = proto {
+                    parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    parts.headers.insert(UPGRADE, p);
+                }
+                tokio::spawn(tunnel(client_side, upstream_side, ticket));
+                return Response::from_parts(parts, ResponseBody::empty());
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+        let body = ResponseBody::upstream(
+            body,
+            opts.read_timeout(),
+            deadline,
+            Some((self.pool.clone(), addr, sender)),
+            ticket,
+        );
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the instance.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, mut ticket: Ticket) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((to_upstream, to_client)) => {
+            ticket.add_bytes_in(to_upstream);
+            ticket.add_bytes_out(to_client);
+        }
+        Err(e) => tracing::debug!("upgraded connection: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("trailer", HeaderValue::from_static("x-checksum"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        assert!(h.contains_key("x-kept"));
+        assert!(h.contains_key("trailer"));
+    }
+
+    fn info(ip: [u8; 4], trusted: bool) -> ConnInfo {
+        ConnInfo { client: SocketAddr::from((ip, 5555)), trusted, https: false }
+    }
+
+    #[test]
+    fn untrusted_forwarding_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        add_forwarding(&mut h, &info([192, 0, 2, 7], false), "web.example.com");
+        assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "web.example.com");
+        assert_eq!(h[FORWARDED], "for=192.0.2.7;host=web.example.com;proto=http");
+        assert_eq!(h[X_REQUEST_ID].len(), 32);
+    }
+
+    #[test]
+    fn trusted_forwarding_headers_are_extended() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(FORWARDED, HeaderValue::from_static("for=198.51.100.1"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let id = add_forwarding(&mut h, &info([10, 0, 0, 2], true), "web.example.com:8080");
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1, 10.0.0.2");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[FORWARDED], "for=198.51.100.1, for=10.0.0.2;host=\"web.example.com:8080\";proto=http");
+        assert_eq!(id, "abc-123");
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        assert_eq!(forwarded_node("2001:db8::1".parse().expect("ip")), "\"[2001:db8::1]\"");
+    }
+}

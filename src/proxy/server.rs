@@ -1,0 +1,432 @@
+//! Listeners and threads. The proxy runs on its own threads, one single-threaded runtime per
+//! worker, each with its own `SO_REUSEPORT` listener socket and its own upstream pool (measured:
+//! faster than one shared multi-threaded runtime, and nothing is shared per request but the route
+//! table). A control thread runs health checks and the TCP passthrough listeners.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::forward::{ConnInfo, Forwarder};
+use super::pool::Pool;
+use super::proxy_protocol::{self, ProxyHeader};
+use super::routes::{RouteTable, Table, TcpPort};
+use super::tls::CertStore;
+use super::{access, health, tcp};
+
+/// Time a client has to send its request head (and a PROXY header), as nginx's
+/// `client_header_timeout`; also how long an idle keep-alive connection stays open.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An address range (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let bad =
+            || format!("invalid address range {s:?}: expected an IP address or CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32");
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip.trim().parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        if bits > max {
+            return Err(bad());
+        }
+        Ok(Cidr { net, bits })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, canonical_ip(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.bits == 0 { 0 } else { u32::MAX << (32 - self.bits) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.bits == 0 { 0 } else { u128::MAX << (128 - self.bits) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `::ffff:192.0.2.1` (an IPv4 client on a dual-stack socket) is `192.0.2.1`.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
+/// How the proxy listens.
+#[derive(Clone)]
+pub struct ProxyOptions {
+    pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
+    /// Worker threads; 0 = one per CPU.
+    pub threads: usize,
+    /// Peers whose forwarding headers (and PROXY protocol header) are believed.
+    pub trusted: Vec<Cidr>,
+    /// Connections from trusted peers start with a PROXY protocol (v1 or v2) header.
+    pub proxy_protocol: bool,
+    /// Certificates for the HTTPS listeners.
+    pub certs: Option<Arc<CertStore>>,
+    /// Address TCP passthrough ports listen on.
+    pub tcp_ip: IpAddr,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            http: Vec::new(),
+            https: Vec::new(),
+            threads: 0,
+            trusted: Vec::new(),
+            proxy_protocol: false,
+            certs: None,
+            tcp_ip: IpAddr::from([0, 0, 0, 0]),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {0} ({1}): is another server using it? choose another address")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot start the proxy's threads: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Shared {
+    table: Arc<RouteTable>,
+    trusted: Vec<Cidr>,
+    proxy_protocol: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Shared {
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// The running proxy; stops (listeners closed, threads joined) when dropped.
+pub struct ProxyHandle {
+    pub http_addrs: Vec<SocketAddr>,
+    pub https_addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One socket per worker on `addr`, all with `SO_REUSEPORT`. A plain bind first tells whether
+/// anyone else holds the port (with `SO_REUSEPORT` alone, a second server would silently share it).
+fn bind_all(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ProxyError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |e| ProxyError::Bind(addr, e);
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    // SO_REUSEADDR lets a restarted proxy bind past its old connections in TIME_WAIT; it does
+    // not let two servers listen on one port.
+    probe.set_reuse_address(true).map_err(err)?;
+    probe.bind(&addr.into()).map_err(err)?;
+    probe.listen(1).map_err(err)?;
+    let bound =
+        probe.local_addr().map_err(err)?.as_socket().ok_or_else(|| err(std::io::ErrorKind::InvalidInput.into()))?;
+    drop(probe);
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+        s.set_reuse_address(true).map_err(err)?;
+        s.set_reuse_port(true).map_err(err)?;
+        if bound.is_ipv6() {
+            s.set_only_v6(false).map_err(err)?;
+        }
+        s.set_nonblocking(true).map_err(err)?;
+        s.set_nodelay(true).map_err(err)?;
+        s.bind(&bound.into()).map_err(err)?;
+        s.listen(4096).map_err(err)?;
+        sockets.push(std::net::TcpListener::from(s));
+    }
+    Ok((bound, sockets))
+}
+
+/// Starts the proxy's threads on freshly bound listeners.
+pub fn start(options: ProxyOptions, table: Arc<RouteTable>) -> Result<ProxyHandle, ProxyError> {
+    if options.proxy_protocol && options.trusted.is_empty() {
+        return Err(ProxyError::Config(
+            "PROXY protocol needs the addresses of the load balancers that send it (--trusted-proxy)".into(),
+        ));
+    }
+    let tls = match (&options.certs, options.https.is_empty()) {
+        (_, true) => None,
+        (Some(certs), false) => Some(tokio_rustls::TlsAcceptor::from(certs.server_config())),
+        (None, false) => {
+            return Err(ProxyError::Config("an HTTPS listener needs a certificate directory (--certs-dir)".into()))
+        }
+    };
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut http_addrs = Vec::new();
+    let mut https_addrs = Vec::new();
+    for (addrs, https, out) in [(&options.http, false, &mut http_addrs), (&options.https, true, &mut https_addrs)] {
+        for addr in addrs {
+            let (bound, sockets) = bind_all(*addr, threads)?;
+            out.push(bound);
+            for (w, s) in sockets.into_iter().enumerate() {
+                per_worker[w].push((s, https));
+            }
+        }
+    }
+    let shared = Arc::new(Shared {
+        table: table.clone(),
+        trusted: options.trusted.clone(),
+        proxy_protocol: options.proxy_protocol,
+        tls,
+    });
+    let (shutdown, rx) = watch::channel(false);
+    let mut handle = ProxyHandle { http_addrs, https_addrs, shutdown, threads: Vec::new() };
+    for (i, listeners) in per_worker.into_iter().enumerate() {
+        let shared = shared.clone();
+        let rx = rx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("dlv-proxy-{i}"))
+            .spawn(move || worker(listeners, shared, rx))
+            .map_err(ProxyError::Thread)?;
+        handle.threads.push(t);
+    }
+    let tcp_ip = options.tcp_ip;
+    let t = std::thread::Builder::new()
+        .name("dlv-proxy-ctl".into())
+        .spawn(move || control(table, tcp_ip, rx))
+        .map_err(ProxyError::Thread)?;
+    handle.threads.push(t);
+    Ok(handle)
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::error!("proxy thread cannot start its runtime: {e}");
+            None
+        }
+    }
+}
+
+fn worker(listeners: Vec<(std::net::TcpListener, bool)>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let Some(rt) = runtime() else { return };
+    rt.block_on(async move {
+        let forwarder = Arc::new(Forwarder { table: shared.table.clone(), pool: Arc::new(Pool::default()) });
+        for (listener, https) in listeners {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("proxy listener: {e}");
+                    continue;
+                }
+            };
+            tokio::spawn(accept_loop(listener, https, forwarder.clone(), shared.clone()));
+        }
+        let housekeeping = {
+            let forwarder = forwarder.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    access::flush();
+                    let table = forwarder.table.load();
+                    let live: std::collections::HashSet<SocketAddr> =
+                        table.routes().flat_map(|r| r.backends.iter().map(|b| b.addr)).collect();
+                    forwarder.pool.prune(|a| live.contains(a));
+                }
+            }
+        };
+        tokio::select! {
+            _ = housekeeping => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+        access::flush();
+    });
+}
+
+async fn accept_loop(listener: TcpListener, https: bool, forwarder: Arc<Forwarder>, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_conn(stream, canonical(peer), https, forwarder.clone(), shared.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("proxy accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    https: bool,
+    forwarder: Arc<Forwarder>,
+    shared: Arc<Shared>,
+) {
+    let _ = stream.set_nodelay(true);
+    let trusted = shared.trusts(peer.ip());
+    let mut client = peer;
+    if shared.proxy_protocol && trusted {
+        match proxy_protocol::read_header(&mut stream, HEADER_TIMEOUT).await {
+            Ok(ProxyHeader::Proxied { source, .. }) => client = canonical(source),
+            Ok(ProxyHeader::Local) => {}
+            Err(e) => {
+                tracing::debug!("PROXY header from {peer}: {e}");
+                return;
+            }
+        }
+    }
+    let info = ConnInfo { client, trusted, https };
+    match (https, &shared.tls) {
+        (true, Some(acceptor)) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder).await,
+            Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
+            Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
+        },
+        _ => serve_http(TokioIo::new(stream), info, forwarder).await,
+    }
+}
+
+async fn serve_http<I>(io: I, info: ConnInfo, forwarder: Arc<Forwarder>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = info.client;
+    let service = hyper::service::service_fn(move |req| {
+        let forwarder = forwarder.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(forwarder.handle(req, &info).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(250);
+    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+        tracing::debug!("proxy connection from {peer}: {e}");
+    }
+}
+
+/// Follows the route table: a health check per backend that has one, a listener per TCP port.
+fn control(table: Arc<RouteTable>, tcp_ip: IpAddr, mut shutdown: watch::Receiver<bool>) {
+    let Some(rt) = runtime() else { return };
+    rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Arc<Table>>();
+        table.watch(move |t| {
+            let _ = tx.send(t.clone());
+        });
+        let mut checks: HashMap<(String, SocketAddr), tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut ports: HashMap<u16, (TcpPort, tokio::task::JoinHandle<()>)> = HashMap::new();
+        loop {
+            let current = tokio::select! {
+                t = rx.recv() => match t { Some(t) => t, None => break },
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let mut wanted = HashMap::new();
+            for route in current.routes() {
+                let Some(check) = &route.options.health else { continue };
+                for b in &route.backends {
+                    wanted.insert((b.instance.clone(), b.addr), (Arc::downgrade(b), check.clone()));
+                }
+            }
+            checks.retain(|key, task| {
+                let keep = wanted.contains_key(key) && !task.is_finished();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (key, (backend, check)) in wanted {
+                checks.entry(key).or_insert_with(|| tokio::spawn(health::run(backend, check)));
+            }
+            let wanted_ports: HashMap<u16, TcpPort> = current.tcp.iter().map(|(p, _)| (p.listen, *p)).collect();
+            ports.retain(|port, (spec, task)| {
+                let keep = wanted_ports.get(port) == Some(spec) && !task.is_finished();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (port, spec) in wanted_ports {
+                if ports.contains_key(&port) {
+                    continue;
+                }
+                match tcp::bind(SocketAddr::new(tcp_ip, port)) {
+                    Ok(listener) => {
+                        ports.insert(port, (spec, tokio::spawn(tcp::serve(listener, spec, table.clone()))));
+                    }
+                    Err(e) => tracing::error!("TCP port {port}: cannot listen on {tcp_ip}:{port}: {e}"),
+                }
+            }
+        }
+        for (_, task) in checks {
+            task.abort();
+        }
+        for (_, (_, task)) in ports {
+            task.abort();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let c: Cidr = "10.0.0.0/8".parse().expect("cidr");
+        assert!(c.contains("10.1.2.3".parse().expect("ip")));
+        assert!(c.contains("::ffff:10.1.2.3".parse().expect("ip")));
+        assert!(!c.contains("11.0.0.1".parse().expect("ip")));
+        let one: Cidr = "192.0.2.7".parse().expect("cidr");
+        assert!(one.contains("192.0.2.7".parse().expect("ip")));
+        assert!(!one.contains("192.0.2.8".parse().expect("ip")));
+        let v6: Cidr = "2001:db8::/32".parse().expect("cidr");
+        assert!(v6.contains("2001:db8:1::5".parse().expect("ip")));
+        assert!(!v6.contains("10.0.0.1".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("203.0.113.9".parse().expect("ip")));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
+    }
+}
