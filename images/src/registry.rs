@@ -6,7 +6,7 @@ use std::io;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol, SizedStream};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
@@ -204,9 +204,8 @@ impl Session {
     }
 
     /// Streams blob `desc` into `sink` chunk by chunk, then sends [`Chunk::End`]. Refuses more
-    /// bytes than the descriptor declares. The digest is checked by whoever consumes the chunks
-    /// (and by `oci-client`, whose mismatch error ends the stream before `End`). Returns early,
-    /// without error, if the consumer went away: it has its own error to report.
+    /// bytes than the descriptor declares. The digest is checked by whoever consumes the chunks.
+    /// Returns early, without error, if the consumer went away: it has its own error to report.
     /// `progress` hears the bytes received so far, at most every 100 ms and once at the end.
     pub(crate) async fn stream_blob(
         &self,
@@ -215,7 +214,7 @@ impl Session {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), Error> {
         let registry = || self.reference.registry().to_string();
-        let mut stream = self.client.pull_blob_stream(&self.oci, desc).await.map_err(|e| self.map_error(e))?;
+        let mut stream = self.open_blob(desc).await?;
         let limit = u64::try_from(desc.size).ok().filter(|s| *s > 0).unwrap_or(u64::MAX);
         let mut received: u64 = 0;
         let mut reported = std::time::Instant::now();
@@ -242,6 +241,65 @@ impl Session {
         progress(received);
         let _ = sink.send(Chunk::End).await;
         Ok(())
+    }
+
+    /// Starts the download of blob `desc`: from the registry, or, for a non-distributable layer
+    /// it does not hold, from each URL its descriptor lists in turn (`oci-client` sends no
+    /// credentials there). Whoever serves it, the consumer checks the digest.
+    async fn open_blob(&self, desc: &OciDescriptor) -> Result<SizedStream, Error> {
+        // Asked for from byte 0: registries answer with a partial response, which `oci-client`
+        // does not hash (it hashes a full one, and ends it with an error on a mismatch). The
+        // consumer hashes every byte anyway: the blob is hashed once, not twice.
+        let fetch = |urls: Option<Vec<String>>| {
+            let desc = OciDescriptor { urls, ..desc.clone() };
+            async move {
+                match self.client.pull_blob_stream_partial(&self.oci, &desc, 0, None).await? {
+                    BlobResponse::Full(stream) | BlobResponse::Partial(stream) => Ok(stream),
+                }
+            }
+        };
+        let urls = desc.urls.clone().unwrap_or_default();
+        let registry_failure = match fetch(None).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if urls.is_empty() => {
+                return Err(match self.map_error(e) {
+                    // The manifest was there: "image not found, check the name" would mislead.
+                    Error::NotFound { registry, .. } => Error::Registry {
+                        registry,
+                        message: format!(
+                            "it has no blob {} ({}), which the manifest of {} lists: the image is incomplete there",
+                            desc.digest, desc.media_type, self.reference
+                        ),
+                    },
+                    other => other,
+                });
+            }
+            Err(e) => chain(&e),
+        };
+        // `oci-client` tries the listed URLs after the registry, but gives up at the first one
+        // that does not answer: one at a time, so each is tried.
+        let mut failures = Vec::new();
+        for url in urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                failures.push(format!("{url}: not an http(s) URL, skipped"));
+                continue;
+            }
+            match fetch(Some(vec![url.clone()])).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => failures.push(format!("{url}: {}", chain(&e))),
+            }
+        }
+        Err(Error::Registry {
+            registry: self.reference.registry().to_string(),
+            message: format!(
+                "layer blob {} ({}) of {} is neither in the registry ({registry_failure}) nor at the URLs its \
+                 descriptor lists ({})",
+                desc.digest,
+                desc.media_type,
+                self.reference,
+                failures.join("; ")
+            ),
+        })
     }
 
     fn map_stream_error(&self, desc: &OciDescriptor, e: io::Error) -> Error {

@@ -254,7 +254,8 @@ impl ImageStore {
             registry: reference.registry().to_string(),
             message: format!("config blob {} of {reference} is not an image config: {e}", manifest.config.digest),
         })?;
-        self.store_small_blob(&manifest.config.digest, config_bytes).await?;
+        // Kept while the layers download: its fsyncs need not delay them.
+        let config_stored = self.store_small_blob(&manifest.config.digest, config_bytes);
 
         let diff_ids = config.rootfs().diff_ids().clone();
         if diff_ids.len() != manifest.layers.len() {
@@ -297,8 +298,9 @@ impl ImageStore {
                 }
             })
             .collect();
-        let results: Vec<Result<(), Error>> =
-            futures_util::stream::iter(layers).buffered(PARALLEL_LAYERS).collect().await;
+        let (config_stored, results): (_, Vec<Result<(), Error>>) =
+            tokio::join!(config_stored, futures_util::stream::iter(layers).buffered(PARALLEL_LAYERS).collect());
+        config_stored?;
         results.into_iter().collect::<Result<Vec<()>, Error>>()?;
         // Layers and blobs were renamed into place without syncing their directories (their
         // contents were synced): make the names durable before the record that points to them.
@@ -457,6 +459,7 @@ impl ImageStore {
         blocking(move || {
             // Released only once every layer is in place (or removed), even if the caller gave up.
             let _locks = locks;
+            let writeback = unpack::Writeback::open(&layers_dir)?;
             let mut staged = Vec::new();
             for layer in todo.values() {
                 let Some(hex) = digest_hex(&layer.diff_id) else { continue };
@@ -479,7 +482,7 @@ impl ImageStore {
             }
             // Every layer verified: make their contents durable, then their names.
             if !staged.is_empty() {
-                unpack::syncfs(&layers_dir)?;
+                writeback.sync()?;
             }
             for s in staged {
                 s.commit()?;

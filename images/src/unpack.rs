@@ -3,11 +3,12 @@
 //! layer root.
 //!
 //! We do not use `tar::Archive::unpack`: a layer is untrusted input and we must decide ourselves
-//! what a path means. Every entry is resolved component by component from the layer root; each
-//! parent must be a real directory (never a symlink), `..` is refused, and the final component is
-//! replaced, never followed. Extraction happens in `layers/.tmp-<hex>-<unique>`, renamed into
-//! place only once the whole stream hashed to the expected diff_id, so a directory named by a
-//! diff_id is always complete.
+//! what a path means. `..` is refused; every entry is made relative to a descriptor of its parent
+//! directory, opened with the kernel refusing a symlink anywhere beneath the layer root (each
+//! parent must be a real directory), and its final component is replaced, never followed (see
+//! `tree`). Extraction happens in `layers/.tmp-<hex>-<unique>`, renamed into place only once the
+//! whole stream hashed to the expected diff_id, so a directory named by a diff_id is always
+//! complete.
 //!
 //! A layer is also bounded in size ([`UnpackOptions`]): the decompressed stream and the files it
 //! creates may not exceed `max_unpacked_bytes`, and what tar buffers in memory for one entry
@@ -18,17 +19,27 @@ use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{lchown, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{
+    fchmod, fchmodat, fstatat, futimens, makedev, mknodat, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags,
+};
 use nix::sys::time::TimeSpec;
+use nix::unistd::{fchown, fchownat, linkat, symlinkat, Gid, Uid};
 use sha2::{Digest, Sha256};
 
 use crate::error::IoContext;
 use crate::Error;
+
+mod tree;
+
+use tree::{open_at, Tree, Unreachable};
 
 /// Prefix of an AUFS/OCI whiteout file name.
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -147,7 +158,10 @@ pub(crate) fn unpack_layer_unsynced(
     }
     let tmp = layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
     fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
-    let result = unpack_into_with(blob, compression, diff_id, &tmp, options).and_then(|()| syncfs(&tmp));
+    let result = Writeback::open(&tmp).and_then(|writeback| {
+        unpack_file(blob, compression, diff_id, &tmp, options, Some(&writeback))?;
+        writeback.sync()
+    });
     if let Err(e) = result {
         remove_tree(&tmp);
         return Err(e);
@@ -162,12 +176,26 @@ fn layer_hex(diff_id: &str) -> Result<&str, Error> {
     })
 }
 
-/// One syncfs instead of an fsync per file: whatever is renamed into place afterwards must not
-/// survive a crash that loses its contents. It covers every file on `dir`'s file system.
-pub(crate) fn syncfs(dir: &Path) -> Result<(), Error> {
-    let d = File::open(dir).context(|| format!("opening {}", dir.display()))?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
-        .map_err(|e| Error::io(format!("syncing the file system of {}", dir.display()), e.into()))
+/// The file system layers are written to, made durable with one syncfs(2) instead of an fsync
+/// per file (whatever is renamed into place afterwards must not survive a crash that loses its
+/// contents). Opened before anything is written: syncfs reports a write-back error to each
+/// descriptor opened before the error, so none that happens meanwhile goes unnoticed.
+pub(crate) struct Writeback {
+    dir: File,
+    path: PathBuf,
+}
+
+impl Writeback {
+    pub(crate) fn open(dir: &Path) -> Result<Writeback, Error> {
+        let file = File::open(dir).context(|| format!("opening {}", dir.display()))?;
+        Ok(Writeback { dir: file, path: dir.to_path_buf() })
+    }
+
+    /// Syncs every file of the file system.
+    pub(crate) fn sync(&self) -> Result<(), Error> {
+        nix::unistd::syncfs(self.dir.as_raw_fd())
+            .map_err(|e| Error::io(format!("syncing the file system of {}", self.path.display()), e.into()))
+    }
 }
 
 /// Renames a finished layer directory into place (its contents already synced).
@@ -231,6 +259,7 @@ pub(crate) fn unpack_streamed(
     let blob_tmp = layer.blobs_dir.join(format!(".tmp-{blob_hex}-{}", unique_suffix()));
     fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
     let staged = (|| {
+        let writeback = Writeback::open(&tmp)?;
         let file = if layer.keep_blob {
             let file = OpenOptions::new()
                 .write(true)
@@ -253,7 +282,8 @@ pub(crate) fn unpack_streamed(
             failure: None,
         };
         let what = format!("layer blob {}", layer.blob_digest);
-        let unpacked = unpack_stream(&mut input, layer.compression, layer.diff_id, &tmp, layer.options, &what);
+        let unpacked =
+            unpack_stream(&mut input, layer.compression, layer.diff_id, &tmp, layer.options, &what, Some(&writeback));
         // A failure to write the blob or a download that stopped is the cause of whatever the
         // unpacker made of it.
         if let Some(failure) = input.failure.take() {
@@ -283,7 +313,7 @@ pub(crate) fn unpack_streamed(
                 file.sync_all().context(|| format!("syncing {}", blob_tmp.display()))?;
             }
         }
-        syncfs(&tmp)
+        writeback.sync()
     })();
     if let Err(e) = staged {
         remove_tree(&tmp);
@@ -402,9 +432,21 @@ pub fn unpack_into_with(
     root: &Path,
     options: &UnpackOptions,
 ) -> Result<(), Error> {
+    unpack_file(blob, compression, diff_id, root, options, None)
+}
+
+/// [`unpack_into_with`], syncing `writeback` in the background as the layer is written.
+fn unpack_file(
+    blob: &Path,
+    compression: Compression,
+    diff_id: &str,
+    root: &Path,
+    options: &UnpackOptions,
+    writeback: Option<&Writeback>,
+) -> Result<(), Error> {
     let file = File::open(blob).context(|| format!("opening layer blob {}", blob.display()))?;
     let mut input = BufReader::with_capacity(256 << 10, file);
-    unpack_stream(&mut input, compression, diff_id, root, options, &blob.display().to_string())
+    unpack_stream(&mut input, compression, diff_id, root, options, &blob.display().to_string(), writeback)
 }
 
 impl Compression {
@@ -482,7 +524,7 @@ pub(crate) fn stage_layer(
         Some(c) => c,
         None => Compression::sniff(input.fill_buf().context(|| format!("reading {what}"))?),
     };
-    unpack_stream(&mut input, compression, diff_id, &tmp, options, what)?;
+    unpack_stream(&mut input, compression, diff_id, &tmp, options, what, None)?;
     if let Some(blob) = blob {
         // The compressed stream may go on past what the decompressor needed: the digest covers it.
         io::copy(&mut input, &mut io::sink()).map_err(|e| Error::Unpack {
@@ -522,7 +564,9 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Decompresses `input` and extracts it into `root`, checking the uncompressed stream's sha256.
 /// Reads the decompressed stream to its end; `input` may have bytes left after the compressed
-/// data (the caller decides what they mean). `what` names the blob in messages.
+/// data (the caller decides what they mean). `what` names the blob in messages. With
+/// `writeback`, its file system is synced in the background as the layer is written, so that
+/// the caller's own sync, before the layer is committed, has only the last part left to write.
 fn unpack_stream<R: BufRead + Send>(
     input: &mut R,
     compression: Compression,
@@ -530,16 +574,22 @@ fn unpack_stream<R: BufRead + Send>(
     root: &Path,
     options: &UnpackOptions,
     what: &str,
+    writeback: Option<&Writeback>,
 ) -> Result<(), Error> {
     if compression == Compression::None {
-        return extract_verified(input, Some(diff_id), diff_id, root, options, what);
+        return extract_verified(input, Some(diff_id), diff_id, root, options, what, writeback);
     }
-    // Two threads: one inflates and hashes the result for the diff_id (and, reading the input,
-    // hashes and stores the compressed stream), the other parses the tar and writes files. Each
-    // is about half the work, so a layer takes the longer of the two instead of their sum.
+    // Three threads, each about a third of the work, so a layer takes about the longest of them
+    // instead of their sum: one inflates (and, reading the input, hashes and stores the
+    // compressed stream), one hashes the result for the diff_id, one parses the tar and writes
+    // files. Which is the longest depends on the layer (inflating, for large files; writing, for
+    // many small ones), so no one of them also hashes.
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECOMPRESSED_IN_FLIGHT);
-        let inflater = scope.spawn(move || -> Result<Option<String>, Error> {
+        let (to_hasher, from_inflater) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECOMPRESSED_IN_FLIGHT);
+        let (to_extractor, from_hasher) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECOMPRESSED_IN_FLIGHT);
+        // Chunks the extractor is done with, filled again rather than allocated (and cleared).
+        let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+        let inflater = scope.spawn(move || -> Result<(), Error> {
             let mut decompressed: Box<dyn Read + '_> = match compression {
                 Compression::Zstd => Box::new(
                     zstd::stream::read::Decoder::with_buffer(input)
@@ -547,36 +597,57 @@ fn unpack_stream<R: BufRead + Send>(
                 ),
                 _ => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
             };
-            let mut hasher = Sha256::new();
             loop {
-                let mut buf = vec![0u8; DECOMPRESSED_CHUNK];
+                let mut buf = recycled.try_recv().unwrap_or_default();
+                buf.resize(DECOMPRESSED_CHUNK, 0);
                 match decompressed.read(&mut buf) {
-                    Ok(0) => return Ok(Some(format!("sha256:{}", hex::encode(hasher.finalize())))),
+                    Ok(0) => return Ok(()),
                     Ok(n) => {
                         buf.truncate(n);
-                        hasher.update(&buf);
                         // The extractor stopped (an error, a limit): it reports why.
-                        if tx.send(Ok(buf)).is_err() {
-                            return Ok(None);
+                        if to_hasher.send(Ok(buf)).is_err() {
+                            return Ok(());
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-                        return Ok(None);
+                        let _ = to_hasher.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Ok(());
                     }
                 }
             }
         });
-        let reader = ChannelReader { rx, current: Vec::new(), pos: 0 };
-        let result = extract_verified(reader, None, diff_id, root, options, what);
-        // The receiver is gone with the reader: a still-running inflater stops at its next send.
-        let inflated = inflater.join().unwrap_or_else(|_| {
-            Err(Error::Unpack { layer: diff_id.to_string(), reason: "the decompressing thread panicked".into() })
+        // The diff_id, if the stream ended without an error (the inflater finished, or failed
+        // before it sent anything: its own result says which).
+        let hasher = scope.spawn(move || -> Option<String> {
+            let mut hasher = Sha256::new();
+            for chunk in from_inflater {
+                let failed = chunk.is_err();
+                if let Ok(data) = &chunk {
+                    hasher.update(data);
+                }
+                if to_extractor.send(chunk).is_err() || failed {
+                    return None;
+                }
+            }
+            Some(format!("sha256:{}", hex::encode(hasher.finalize())))
         });
+        let reader = ChannelReader { rx: from_hasher, recycle, current: Vec::new(), pos: 0 };
+        // A thread of its own, which can have a umask of its own.
+        let extractor = scope.spawn(move || {
+            tree::clear_umask();
+            extract_verified(reader, None, diff_id, root, options, what, writeback)
+        });
+        // The receiver is gone with the reader: a still-running hasher stops at its next send,
+        // and the inflater at its own.
+        let panicked = || Error::Unpack { layer: diff_id.to_string(), reason: "an unpacking thread panicked".into() };
+        let result = extractor.join().unwrap_or_else(|_| Err(panicked()));
+        let hashed = hasher.join().map_err(|_| panicked());
+        let inflated = inflater.join().unwrap_or_else(|_| Err(panicked()));
         result?;
-        // The extractor read the stream to its end, so the inflater hashed all of it.
-        match inflated? {
+        inflated?;
+        // The extractor read the stream to its end, so the hasher saw all of it.
+        match hashed? {
             Some(actual) if actual == diff_id => Ok(()),
             Some(actual) => Err(Error::DigestMismatch {
                 what: format!("uncompressed layer {what}"),
@@ -591,15 +662,18 @@ fn unpack_stream<R: BufRead + Send>(
     })
 }
 
-/// Decompressed bytes handed from the inflating thread to the extracting one.
+/// Decompressed bytes handed from the inflating thread to the hashing one, then to the
+/// extracting one.
 const DECOMPRESSED_CHUNK: usize = 128 << 10;
-/// At most this many chunks wait between them (4 MiB): also how far decompression can run past
-/// the size limit before the extractor notices.
-const DECOMPRESSED_IN_FLIGHT: usize = 32;
+/// At most this many chunks wait between two of them (2 MiB, 4 MiB in all): also how far
+/// decompression can run past the size limit before the extractor notices.
+const DECOMPRESSED_IN_FLIGHT: usize = 16;
 
-/// The extracting side of [`unpack_stream`]'s two threads.
+/// The extracting side of [`unpack_stream`]'s threads.
 struct ChannelReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Where chunks read to their end go back.
+    recycle: std::sync::mpsc::Sender<Vec<u8>>,
     current: Vec<u8>,
     pos: usize,
 }
@@ -609,7 +683,7 @@ impl Read for ChannelReader {
         while self.pos == self.current.len() {
             match self.rx.recv() {
                 Ok(Ok(chunk)) => {
-                    self.current = chunk;
+                    let _ = self.recycle.send(std::mem::replace(&mut self.current, chunk));
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
@@ -626,7 +700,7 @@ impl Read for ChannelReader {
 
 /// Extracts the uncompressed tar stream `input` into `root` within the size limit, reading it
 /// to its end; with `check` set, verifies that the whole stream hashes to it (else the caller
-/// hashes it). `diff_id` names the layer in messages.
+/// hashes it). `diff_id` names the layer in messages. `writeback`: see [`unpack_stream`].
 fn extract_verified(
     input: impl Read,
     check: Option<&str>,
@@ -634,6 +708,7 @@ fn extract_verified(
     root: &Path,
     options: &UnpackOptions,
     what: &str,
+    writeback: Option<&Writeback>,
 ) -> Result<(), Error> {
     let meter = Meter::new(options.max_unpacked_bytes);
     let mut metered = MeteredReader { inner: input, hasher: check.map(|_| Sha256::new()), meter: &meter };
@@ -644,7 +719,10 @@ fn extract_verified(
         }
     };
 
-    extract(&mut tar::Archive::new(&mut metered), root, &meter).map_err(stop_err)?;
+    let (extracted, synced) =
+        with_writeback(writeback, |flush| extract(&mut tar::Archive::new(&mut metered), root, &meter, flush));
+    extracted.map_err(stop_err)?;
+    synced?;
     // The diff_id covers the whole stream, including the end-of-archive padding tar stops at,
     // and whatever follows it: a bomb can hide there too, so this is metered like the rest.
     io::copy(&mut metered, &mut io::sink())
@@ -660,6 +738,27 @@ fn extract_verified(
         }
     }
     Ok(())
+}
+
+/// Runs `extract` beside a thread that syncs `writeback`'s file system whenever `extract` calls
+/// the `flush` it is given (one sync at a time: calls meanwhile are merged into the next). Returns
+/// what `extract` returned, and whether every sync succeeded.
+fn with_writeback<T>(writeback: Option<&Writeback>, extract: impl FnOnce(&dyn Fn()) -> T) -> (T, Result<(), Error>) {
+    let Some(writeback) = writeback else {
+        return (extract(&|| {}), Ok(()));
+    };
+    std::thread::scope(|scope| {
+        let (nudge, nudged) = std::sync::mpsc::sync_channel::<()>(1);
+        let syncer = scope.spawn(move || nudged.iter().try_for_each(|()| writeback.sync()));
+        // The sender goes with the closure: the syncer stops once the last sync asked for is done.
+        let extracted = extract(&move || {
+            let _ = nudge.try_send(());
+        });
+        let synced = syncer.join().unwrap_or_else(|_| {
+            Err(Error::io("syncing a layer as it is written", io::Error::other("the syncing thread panicked")))
+        });
+        (extracted, synced)
+    })
 }
 
 /// Why extraction stopped.
@@ -776,7 +875,20 @@ struct Meta {
 /// path beneath the root, so the last entry for a directory wins.
 type DirTimes = BTreeMap<Vec<OsString>, Mtime>;
 
-fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter) -> Result<(), Stop> {
+/// File contents are copied through a buffer this large, filled before each write: most files
+/// of a layer take one write(2).
+const WRITE_CHUNK: usize = 256 << 10;
+
+/// How much a layer writes between two background syncs (see [`unpack_stream`]).
+const SYNC_EVERY: u64 = 16 << 20;
+
+/// Extracts every entry; calls `flush` every [`SYNC_EVERY`] bytes written.
+fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter, flush: &dyn Fn()) -> Result<(), Stop> {
+    let mut tree = Tree::open(root).map_err(Stop::Invalid)?;
+    // Written since `flush` was last called: file data, and a block for each entry (its inode,
+    // its name, the end of its data).
+    let mut unsynced: u64 = 0;
+    let mut buf = vec![0u8; WRITE_CHUNK];
     let mut dir_times = DirTimes::new();
     // Bytes the files of this layer take, holes of sparse files included.
     let mut file_bytes: u64 = 0;
@@ -800,7 +912,7 @@ fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter) -
                 entry.path().map_err(|e| Stop::Invalid(format!("entry with an unreadable path: {e}")))?.into_owned()
             }
         };
-        let name = raw.display().to_string();
+        let name = || raw.display().to_string();
 
         let kind = entry.header().entry_type();
         if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse) {
@@ -808,26 +920,33 @@ fn extract<R: Read>(archive: &mut tar::Archive<R>, root: &Path, meter: &Meter) -
             file_bytes = file_bytes.saturating_add(size);
             if file_bytes > meter.limit {
                 return Err(Stop::TooLarge(format!(
-                    "entry {name:?} declares {size} bytes, which brings its files over the limit"
+                    "entry {:?} declares {size} bytes, which brings its files over the limit",
+                    name()
                 )));
             }
         }
-        extract_entry(&mut entry, &raw, root, &mut dir_times, sparse.as_ref())
-            .map_err(|e| meter.stop(format!("entry {name:?}: {e}")))?;
+        extract_entry(&mut entry, &raw, &mut tree, &mut dir_times, sparse.as_ref(), &mut buf)
+            .map_err(|e| meter.stop(format!("entry {:?}: {e}", name())))?;
         // Data the entry's kind does not use (a directory with a size, say) is skipped here, so
         // it counts as data, not as the next entry's headers.
-        io::copy(&mut entry, &mut io::sink())
-            .map_err(|e| meter.stop(format!("entry {name:?}: skipping its data: {e}")))?;
+        copy_data(&mut entry, &mut io::sink(), &mut buf)
+            .map_err(|e| meter.stop(format!("entry {:?}: skipping its data: {e}", name())))?;
+        unsynced = unsynced.saturating_add(entry.size()).saturating_add(4096);
+        if unsynced >= SYNC_EVERY {
+            flush();
+            unsynced = 0;
+        }
     }
-    set_dir_times(root, &dir_times).map_err(Stop::Invalid)
+    set_dir_times(&tree, &dir_times).map_err(Stop::Invalid)
 }
 
 fn extract_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     raw: &Path,
-    root: &Path,
+    tree: &mut Tree,
     dir_times: &mut DirTimes,
     sparse: Option<&PaxSparse>,
+    buf: &mut [u8],
 ) -> Result<(), String> {
     let kind = entry.header().entry_type();
     if sparse.is_some() && !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
@@ -839,19 +958,25 @@ fn extract_entry<R: Read>(
     let Some((last, parents)) = components.split_last() else {
         // "./" or "/": the layer root itself. Only its metadata can be set.
         if kind.is_dir() {
-            apply_meta(root, &meta, false)?;
+            apply_meta(&Node::Open(tree.root()), &meta, Made::default())?;
+            tree.root_changed();
             dir_times.insert(Vec::new(), meta.mtime);
         }
         return Ok(());
     };
-    let parent = ensure_parents(root, parents)?;
-    let path = parent.join(last);
+    let dir = tree.dir(parents)?;
+    let at = dir.fd.as_raw_fd();
+    // Who owns what we make in `dir`, if known: a chown to that owner can be skipped.
+    let made_as = dir.new_owner.get();
 
     let last_str = last.to_string_lossy();
     if let Some(hidden) = last_str.strip_prefix(WHITEOUT_PREFIX) {
         if *last == OsStr::new(OPAQUE_MARKER) {
-            return set_xattr(&parent, OVERLAY_OPAQUE_XATTR, b"y")
-                .map_err(|e| format!("marking {} opaque: {e}", parent.display()));
+            let opened = open_at(at, OsStr::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty());
+            return opened
+                .map_err(io::Error::from)
+                .and_then(|d| set_xattr(&Node::Open(d.as_raw_fd()), OVERLAY_OPAQUE_XATTR, b"y"))
+                .map_err(|e| format!("marking {:?} opaque: {e}", tree::display(parents)));
         }
         if hidden.starts_with(WHITEOUT_PREFIX) {
             // Other ".wh..wh." names are AUFS bookkeeping (hard link dirs): nothing to unpack.
@@ -861,10 +986,10 @@ fn extract_entry<R: Read>(
         if hidden.is_empty() || hidden == "." || hidden == ".." {
             return Err(format!("whiteout names nothing (hidden name {hidden:?})"));
         }
-        let target = parent.join(OsStr::from_bytes(&last.as_bytes()[WHITEOUT_PREFIX.len()..]));
-        clear(&target, false)?;
-        return mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
-            .map_err(|e| format!("creating whiteout device {}: {e}", target.display()));
+        let target = OsStr::from_bytes(&last.as_bytes()[WHITEOUT_PREFIX.len()..]);
+        return tree.replace(&dir.fd, parents, target, "creating whiteout device", || {
+            mknodat(Some(at), target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+        });
     }
 
     use tar::EntryType as T;
@@ -872,35 +997,34 @@ fn extract_entry<R: Read>(
     let old_style_dir = kind == T::Regular && raw.as_os_str().as_bytes().ends_with(b"/");
     match kind {
         _ if old_style_dir || kind == T::Directory => {
-            if !clear(&path, true)? {
-                fs::create_dir(&path).map_err(|e| format!("creating directory: {e}"))?;
-            }
-            apply_meta(&path, &meta, false)?;
-            dir_times.insert(components, meta.mtime);
+            let made = tree.make_dir(&dir.fd, parents, last)?;
+            let made = Made { owner: made_as.filter(|_| made), mode: None };
+            apply_meta(&Node::at(tree, at, &components, false), &meta, made)?;
+            dir_times.insert(components.clone(), meta.mtime);
         }
         T::Regular | T::Continuous | T::GNUSparse => {
-            clear(&path, false)?;
-            // O_NOFOLLOW + create_new: we only ever write a file we just created.
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(|e| format!("creating file: {e}"))?;
+            // O_EXCL + O_NOFOLLOW: we only ever write a file we just created. With its final
+            // mode when that is exact and survives a chown (no setuid, setgid or sticky bit):
+            // then no chmod.
+            let made_mode = (tree.exact_modes() && meta.mode & 0o7000 == 0).then_some(meta.mode);
+            let mode = Mode::from_bits_truncate(made_mode.unwrap_or(0o600));
+            let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW;
+            let fd = tree.replace(&dir.fd, parents, last, "creating file", || open_at(at, last, flags, mode))?;
+            let mut file = File::from(fd);
             let size = sparse.map_or_else(|| entry.size(), |s| s.real_size);
             let written = match sparse {
                 Some(s) => write_pax_sparse(entry, &mut file, s),
                 None if kind == T::GNUSparse => write_sparse(entry, &mut file),
-                None => io::copy(entry, &mut file),
+                None => copy_data(entry, &mut file, buf),
             }
             .map_err(|e| format!("writing file contents: {e}"))?;
             if written != size {
                 return Err(format!("the layer stream ends inside this entry, after {written} of its {size} bytes"));
             }
-            drop(file);
-            apply_meta(&path, &meta, false)?;
-            set_mtime(&path, meta.mtime)?;
+            // On the file we hold, not by name: no lookup at all.
+            let node = Node::Open(file.as_raw_fd());
+            apply_meta(&node, &meta, Made { owner: made_as, mode: made_mode })?;
+            set_mtime(&node, meta.mtime)?;
         }
         T::Symlink => {
             let target = entry
@@ -908,26 +1032,54 @@ fn extract_entry<R: Read>(
                 .map_err(|e| format!("unreadable symlink target: {e}"))?
                 .ok_or("symlink without a target")?;
             // The target is data interpreted inside the container, never by us.
-            clear(&path, false)?;
-            std::os::unix::fs::symlink(&target, &path).map_err(|e| format!("creating symlink: {e}"))?;
-            apply_meta(&path, &meta, true)?;
-            set_mtime(&path, meta.mtime)?;
+            tree.replace(&dir.fd, parents, last, "creating symlink", || {
+                symlinkat(target.as_ref(), Some(at), last.as_os_str())
+            })?;
+            let node = Node::at(tree, at, &components, true);
+            apply_meta(&node, &meta, Made { owner: made_as, mode: None })?;
+            set_mtime(&node, meta.mtime)?;
         }
         T::Link => {
             let target = entry
                 .link_name()
                 .map_err(|e| format!("unreadable hardlink target: {e}"))?
                 .ok_or("hardlink without a target")?;
-            let target_components =
-                sanitize(&target).map_err(|e| format!("hardlink target {:?}: {e}", target.display()))?;
-            let source = existing_path(root, &target_components)
-                .map_err(|e| format!("hardlink target {:?}: {e}", target.display()))?;
-            if source == path {
+            let refused = |why: String| format!("hardlink target {:?}: {why}", target.display());
+            let target_components = sanitize(&target).map_err(refused)?;
+            let Some((source_name, source_parents)) = target_components.split_last() else {
+                return Err(refused("it is the layer root".into()));
+            };
+            // It must already be extracted in this layer, reached through real directories
+            // only, and must not be a directory.
+            let not_extracted = || refused("it has not been extracted (earlier in this layer)".into());
+            let source_dir = match source_parents {
+                [] => None,
+                _ => Some(tree.existing_dir(source_parents).map_err(|e| match e {
+                    Unreachable::Missing => not_extracted(),
+                    Unreachable::NotDir { at, .. } => {
+                        refused(format!("{:?} is not a real directory", tree::display(&source_parents[..=at])))
+                    }
+                    Unreachable::Failed { at, errno } => {
+                        refused(format!("opening {:?}: {errno}", tree::display(&source_parents[..=at])))
+                    }
+                })?),
+            };
+            let source_at = source_dir.as_ref().map_or(tree.root(), AsRawFd::as_raw_fd);
+            match fstatat(Some(source_at), source_name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(s) if s.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() => {
+                    return Err(refused("it is a directory".into()))
+                }
+                Ok(_) => {}
+                Err(Errno::ENOENT) => return Err(not_extracted()),
+                Err(e) => return Err(refused(e.to_string())),
+            }
+            if target_components == components {
                 return Ok(());
             }
-            clear(&path, false)?;
             // link(2) does not follow a symlink source: the link shares the symlink's inode.
-            fs::hard_link(&source, &path).map_err(|e| format!("creating hardlink: {e}"))?;
+            tree.replace(&dir.fd, parents, last, "creating hardlink", || {
+                linkat(Some(source_at), source_name.as_os_str(), Some(at), last.as_os_str(), AtFlags::empty())
+            })?;
         }
         T::Char | T::Block | T::Fifo => {
             let sflag = match kind {
@@ -945,11 +1097,13 @@ fn extract_entry<R: Read>(
                     major.zip(minor).ok_or("device entry without device numbers (pre-POSIX tar header)")?
                 }
             };
-            clear(&path, false)?;
-            mknod(&path, sflag, Mode::from_bits_truncate(0o600), makedev(u64::from(major), u64::from(minor)))
-                .map_err(|e| format!("creating device node: {e}"))?;
-            apply_meta(&path, &meta, false)?;
-            set_mtime(&path, meta.mtime)?;
+            let dev = makedev(u64::from(major), u64::from(minor));
+            tree.replace(&dir.fd, parents, last, "creating device node", || {
+                mknodat(Some(at), last.as_os_str(), sflag, Mode::from_bits_truncate(0o600), dev)
+            })?;
+            let node = Node::at(tree, at, &components, false);
+            apply_meta(&node, &meta, Made { owner: made_as, mode: None })?;
+            set_mtime(&node, meta.mtime)?;
         }
         T::XGlobalHeader => {}
         other => {
@@ -957,6 +1111,28 @@ fn extract_entry<R: Read>(
         }
     }
     Ok(())
+}
+
+/// Copies an entry's data to `out` through `buf`, filling it before each write. Returns the
+/// bytes copied. (`io::copy` would clear a buffer of its own at every call, once per entry.)
+fn copy_data(entry: &mut impl Read, out: &mut impl Write, buf: &mut [u8]) -> io::Result<u64> {
+    let mut total: u64 = 0;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match entry.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.write_all(&buf[..filled])?;
+        total += filled as u64;
+        if filled < buf.len() {
+            return Ok(total);
+        }
+    }
 }
 
 /// Copies a GNU sparse entry, seeking over runs of zeros instead of writing them, so the holes the
@@ -1156,12 +1332,18 @@ fn write_pax_sparse(entry: &mut tar::Entry<'_, impl Read>, file: &mut File, spar
 
 /// Turns a tar path into components relative to the layer root. A leading `/` is dropped (tar
 /// paths are relative to the layer root whatever they say), `.` is ignored, `..` is refused:
-/// it is never needed in a well-formed layer and only serves to escape.
+/// it is never needed in a well-formed layer and only serves to escape. As a path in the
+/// container, it must fit in `PATH_MAX`: entries are created one directory at a time, which
+/// would otherwise make paths no program could use.
 pub(crate) fn sanitize(path: &Path) -> Result<Vec<OsString>, String> {
     let mut out = Vec::new();
+    let mut len = 0;
     for c in path.components() {
         match c {
-            Component::Normal(n) => out.push(n.to_os_string()),
+            Component::Normal(n) => {
+                len += 1 + n.len();
+                out.push(n.to_os_string())
+            }
             Component::RootDir | Component::CurDir => {}
             Component::ParentDir => {
                 return Err(format!(
@@ -1172,96 +1354,35 @@ pub(crate) fn sanitize(path: &Path) -> Result<Vec<OsString>, String> {
             Component::Prefix(_) => return Err("path has a Windows prefix".into()),
         }
     }
+    if len >= MAX_PATH {
+        return Err(format!(
+            "{}: the path is {len} bytes long in the container, at most {} are accepted",
+            Errno::ENAMETOOLONG.desc(),
+            MAX_PATH - 1
+        ));
+    }
     Ok(out)
 }
 
-/// Walks `parents` from `root`, creating missing directories, and refuses any component that
-/// exists as something other than a real directory (a symlink there could point anywhere).
-fn ensure_parents(root: &Path, parents: &[OsString]) -> Result<PathBuf, String> {
-    let mut p = root.to_path_buf();
-    for c in parents {
-        p.push(c);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(m) => {
-                let what = if m.file_type().is_symlink() { "a symlink" } else { "not a directory" };
-                return Err(format!("parent {:?} is {what}; refusing to write through it", relative(root, &p)));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // Implicit parents get Docker's default mode; a later entry may fix it.
-                fs::create_dir(&p).map_err(|e| format!("creating parent {}: {e}", p.display()))?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
-                    .map_err(|e| format!("setting mode of {}: {e}", p.display()))?;
-            }
-            Err(e) => return Err(format!("inspecting {}: {e}", p.display())),
-        }
-    }
-    Ok(p)
-}
-
-/// Resolves a hardlink target: it must already be extracted in this layer, reached through real
-/// directories only, and must not be a directory.
-fn existing_path(root: &Path, components: &[OsString]) -> Result<PathBuf, String> {
-    let Some((last, parents)) = components.split_last() else {
-        return Err("it is the layer root".into());
-    };
-    let mut p = root.to_path_buf();
-    for c in parents {
-        p.push(c);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(_) => return Err(format!("{:?} is not a real directory", relative(root, &p))),
-            Err(_) => return Err("it has not been extracted (earlier in this layer)".into()),
-        }
-    }
-    p.push(last);
-    match fs::symlink_metadata(&p) {
-        Ok(m) if m.file_type().is_dir() => Err("it is a directory".into()),
-        Ok(_) => Ok(p),
-        Err(_) => Err("it has not been extracted (earlier in this layer)".into()),
-    }
-}
+/// `PATH_MAX`, the terminating NUL included.
+const MAX_PATH: usize = libc::PATH_MAX as usize;
 
 /// Sets the recorded directory mtimes. A later entry may have replaced a directory, or one of its
-/// parents, with a symlink or a file: each path is resolved again through real directories only,
-/// and what is no longer a directory is skipped, so no time is ever set outside the root.
-fn set_dir_times(root: &Path, dir_times: &DirTimes) -> Result<(), String> {
-    'dirs: for (components, mtime) in dir_times {
-        let mut p = root.to_path_buf();
-        for c in components {
-            p.push(c);
-            if !fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_dir()) {
-                continue 'dirs;
-            }
+/// parents, with a symlink or a file: each is opened again through real directories only, and
+/// what is no longer a directory is skipped, so no time is ever set outside the root.
+fn set_dir_times(tree: &Tree, dir_times: &DirTimes) -> Result<(), String> {
+    for (components, mtime) in dir_times {
+        if components.is_empty() {
+            set_mtime(&Node::Open(tree.root()), *mtime)?;
+            continue;
         }
-        set_mtime(&p, *mtime)?;
+        match tree.open_beneath(components, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+            Ok(dir) => set_mtime(&Node::Open(dir.as_raw_fd()), *mtime)?,
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => {}
+            Err(e) => return Err(format!("opening directory {:?} to set its mtime: {e}", tree::display(components))),
+        }
     }
     Ok(())
-}
-
-fn relative(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).display().to_string()
-}
-
-/// Makes room for a new entry at `path` without following anything. Returns true when `path`
-/// is a directory that was kept because `keep_dir` asked for it.
-fn clear(path: &Path, keep_dir: bool) -> Result<bool, String> {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(format!("inspecting {}: {e}", path.display())),
-        Ok(m) if m.file_type().is_dir() => {
-            if keep_dir {
-                Ok(true)
-            } else {
-                fs::remove_dir_all(path).map_err(|e| format!("replacing directory {}: {e}", path.display()))?;
-                Ok(false)
-            }
-        }
-        Ok(_) => {
-            fs::remove_file(path).map_err(|e| format!("replacing {}: {e}", path.display()))?;
-            Ok(false)
-        }
-    }
 }
 
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
@@ -1321,42 +1442,89 @@ fn parse_pax_time(v: &str) -> Option<Mtime> {
     }
 }
 
+/// Where an entry's metadata goes.
+enum Node<'a> {
+    /// A descriptor of the entry itself: a regular file we just wrote, a directory.
+    Open(RawFd),
+    /// The entry's name in its parent directory `dir`, never followed. Its path (`components`
+    /// beneath the root) is only used for xattrs, which only a path reaches on a symlink or a
+    /// device node.
+    At { dir: RawFd, name: &'a OsStr, symlink: bool, tree: &'a Tree, components: &'a [OsString] },
+}
+
+impl<'a> Node<'a> {
+    /// The entry `components` (not empty), in `dir`, its parent.
+    fn at(tree: &'a Tree, dir: RawFd, components: &'a [OsString], symlink: bool) -> Node<'a> {
+        let name = components.last().map_or(OsStr::new(""), |c| c.as_os_str());
+        Node::At { dir, name, symlink, tree, components }
+    }
+}
+
+/// What a node we just made already has, when we know it: no chown or chmod is needed when it
+/// is what the layer wants.
+#[derive(Clone, Copy, Default)]
+struct Made {
+    owner: Option<(u32, u32)>,
+    mode: Option<u32>,
+}
+
 /// Owner first, then mode (chown clears setuid/setgid), then xattrs (chown also clears
 /// `security.capability`).
-fn apply_meta(path: &Path, meta: &Meta, is_symlink: bool) -> Result<(), String> {
+fn apply_meta(node: &Node<'_>, meta: &Meta, made: Made) -> Result<(), String> {
     let uid = u32::try_from(meta.uid).map_err(|_| format!("uid {} out of range", meta.uid))?;
     let gid = u32::try_from(meta.gid).map_err(|_| format!("gid {} out of range", meta.gid))?;
-    lchown(path, Some(uid), Some(gid)).map_err(|e| format!("chown {uid}:{gid}: {e}"))?;
-    if !is_symlink {
-        // `path` was just created by us or checked to be a real directory: no symlink to follow.
-        fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
-            .map_err(|e| format!("chmod {:o}: {e}", meta.mode))?;
+    let (owner, group) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    match node {
+        _ if made.owner == Some((uid, gid)) => Ok(()),
+        Node::Open(fd) => fchown(*fd, owner, group),
+        Node::At { dir, name, .. } => fchownat(Some(*dir), *name, owner, group, AtFlags::AT_SYMLINK_NOFOLLOW),
     }
+    .map_err(|e| format!("chown {uid}:{gid}: {e}"))?;
+    let mode = Mode::from_bits_truncate(meta.mode);
+    match node {
+        _ if made.mode == Some(meta.mode) => Ok(()),
+        Node::Open(fd) => fchmod(*fd, mode),
+        Node::At { symlink: true, .. } => Ok(()),
+        // Just created by us, or checked to be a real directory: nothing to follow.
+        Node::At { dir, name, .. } => fchmodat(Some(*dir), *name, mode, FchmodatFlags::FollowSymlink),
+    }
+    .map_err(|e| format!("chmod {:o}: {e}", meta.mode))?;
     for (name, value) in &meta.xattrs {
         if name.starts_with(OVERLAY_XATTR_PREFIX) {
-            tracing::warn!(path = %path.display(), xattr = %name, "ignoring overlay xattr from layer");
+            tracing::warn!(xattr = %name, "ignoring overlay xattr from layer");
             continue;
         }
-        set_xattr(path, name, value).map_err(|e| format!("setting xattr {name}: {e}"))?;
+        set_xattr(node, name, value).map_err(|e| format!("setting xattr {name}: {e}"))?;
     }
     Ok(())
 }
 
-fn set_mtime(path: &Path, mtime: Mtime) -> Result<(), String> {
+fn set_mtime(node: &Node<'_>, mtime: Mtime) -> Result<(), String> {
     let t = TimeSpec::new(mtime.secs, i64::from(mtime.nanos));
-    utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink)
-        .map_err(|e| format!("setting mtime of {}: {e}", path.display()))
+    match node {
+        Node::Open(fd) => futimens(*fd, &t, &t),
+        Node::At { dir, name, .. } => utimensat(Some(*dir), *name, &t, &t, UtimensatFlags::NoFollowSymlink),
+    }
+    .map_err(|e| format!("setting mtime: {e}"))
 }
 
-/// lsetxattr(2): never follows a symlink at `path`.
-fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+/// fsetxattr(2) on a descriptor, lsetxattr(2) on a path: never follows a symlink.
+fn set_xattr(node: &Node<'_>, name: &str, value: &[u8]) -> io::Result<()> {
     let c_name =
         CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
-    // SAFETY: both strings are NUL-terminated CStrings that outlive the call, and `value` is a
-    // valid slice whose pointer and length are passed together.
-    let rc = unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = match node {
+        // SAFETY: `c_name` is a NUL-terminated CString that outlives the call, and `value` is a
+        // valid slice whose pointer and length are passed together.
+        Node::Open(fd) => unsafe { libc::fsetxattr(*fd, c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) },
+        Node::At { tree, components, .. } => {
+            let path = tree.path_of(components);
+            let c_path = CString::new(path.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+            // SAFETY: both strings are NUL-terminated CStrings that outlive the call, and `value`
+            // is a valid slice whose pointer and length are passed together.
+            unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) }
+        }
+    };
     if rc == 0 {
         Ok(())
     } else {

@@ -506,6 +506,25 @@ fn gzip_zstd_and_plain() {
     assert!(s.layer_names().is_empty());
 }
 
+/// A layer larger than `SYNC_EVERY`, so its file system is also synced while it is written,
+/// in files larger and smaller than the copy buffer.
+#[test]
+fn large_layer_synced_as_it_is_written() {
+    let mut l = Layer::new();
+    let data: Vec<Vec<u8>> = (0..24u8).map(|i| vec![i; (i as usize % 3) << 20 | 1000]).collect();
+    let names: Vec<String> = (0..data.len()).map(|i| format!("d{}/f{i}", i % 4)).collect();
+    for (name, data) in names.iter().zip(&data) {
+        l.add(E { data, ..e(name, T::Regular) });
+    }
+    let tar = l.finish();
+    assert!(tar.len() as u64 > SYNC_EVERY);
+    let s = Scratch::new();
+    let root = s.unpack(&zstd::encode_all(&tar[..], 1).unwrap(), Compression::Zstd, &diff_id(&tar)).unwrap();
+    for (name, data) in names.iter().zip(&data) {
+        assert!(fs::read(root.join(name)).unwrap() == *data, "{name}");
+    }
+}
+
 #[test]
 fn diff_id_mismatch_rejected_and_cleaned() {
     let s = Scratch::new();
@@ -865,6 +884,85 @@ fn hostile_dir_replaced_by_symlink_before_mtimes_are_set() {
     assert_eq!(x.mtime(), 3_000);
 }
 
+/// A directory the previous entries went into (its descriptor kept open for the next ones), then
+/// replaced by a symlink out, then written through: refused, as for a symlink planted first.
+#[test]
+fn hostile_dir_replaced_by_symlink_then_written_through() {
+    let s = Scratch::new();
+    let sentinel = s.sentinel();
+    let marker = format!("deliverous-test-{}", unique_suffix());
+    for link in [sentinel.as_str(), "/", "../../sentinel"] {
+        for victim in ["a/canary", &format!("a/{marker}"), "a/sub/file", "a/.wh.canary"] {
+            let tar = Layer::new()
+                .add(e("a/", T::Directory))
+                .add(E { data: b"first", ..e("a/f", T::Regular) })
+                .add(E { link: Some(link), ..e("a", T::Symlink) })
+                .add(E { data: b"pwned", ..e(victim, T::Regular) })
+                .finish();
+            let msg = unpack_error(s.unpack_tar(&tar));
+            assert!(msg.contains("parent \"a\" is a symlink"), "{link} {victim}: {msg}");
+        }
+    }
+    assert!(!Path::new("/").join(&marker).exists());
+
+    // Removed by a whiteout, replaced by a file: not a directory any more either.
+    for replacement in [e(".wh.a", T::Regular), E { data: b"file", ..e("a", T::Regular) }] {
+        let tar = Layer::new()
+            .add(e("a/", T::Directory))
+            .add(E { data: b"first", ..e("a/f", T::Regular) })
+            .add(replacement)
+            .add(E { data: b"pwned", ..e("a/x", T::Regular) })
+            .finish();
+        let msg = unpack_error(s.unpack_tar(&tar));
+        assert!(msg.contains("parent \"a\" is not a directory"), "{msg}");
+    }
+
+    // Replaced by a new directory: later entries go into the new one.
+    let tar = Layer::new()
+        .add(e("a/", T::Directory))
+        .add(E { data: b"first", ..e("a/f", T::Regular) })
+        .add(E { data: b"file", ..e("a", T::Regular) })
+        .add(E { mode: 0o700, ..e("a/", T::Directory) })
+        .add(E { data: b"second", ..e("a/g", T::Regular) })
+        .finish();
+    let root = s.unpack_tar(&tar).unwrap();
+    assert_eq!(fs::read(root.join("a/g")).unwrap(), b"second");
+    assert!(!root.join("a/f").exists());
+    assert_eq!(fs::symlink_metadata(root.join("a")).unwrap().mode() & 0o7777, 0o700);
+}
+
+/// Directories are reached the same way with or without `openat2(2)` (kernels before 5.6): one
+/// `O_NOFOLLOW` component at a time, never through a symlink.
+#[test]
+fn tree_refuses_symlinks_with_and_without_openat2() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("d/e")).unwrap();
+    std::os::unix::fs::symlink("/", dir.path().join("l")).unwrap();
+    std::os::unix::fs::symlink("e", dir.path().join("d/m")).unwrap();
+    fs::write(dir.path().join("f"), b"").unwrap();
+    let c = |p: &str| p.split('/').map(OsString::from).collect::<Vec<_>>();
+    for openat2 in [true, false] {
+        let mut tree = tree::Tree::open(dir.path()).unwrap();
+        if !openat2 {
+            tree = tree.without_openat2();
+        }
+        assert!(tree.dir(&c("d/e")).is_ok());
+        assert!(tree.dir(&c("d/new/deeper")).is_ok() && dir.path().join("d/new/deeper").is_dir());
+        let err = |r: Result<_, String>| r.err().unwrap_or_default();
+        assert!(err(tree.dir(&c("l/tmp"))).contains("parent \"l\" is a symlink"), "openat2 {openat2}");
+        assert!(err(tree.dir(&c("d/m/x"))).contains("parent \"d/m\" is a symlink"), "openat2 {openat2}");
+        assert!(err(tree.dir(&c("f/x"))).contains("parent \"f\" is not a directory"), "openat2 {openat2}");
+        for path in ["l", "d/m", "l/tmp", "nope"] {
+            let got = tree.open_beneath(&c(path), OFlag::O_RDONLY | OFlag::O_DIRECTORY).err();
+            // A symlink is "not a directory" to O_DIRECTORY, or a loop to O_NOFOLLOW and openat2.
+            let want: &[Errno] = if path == "nope" { &[Errno::ENOENT] } else { &[Errno::ELOOP, Errno::ENOTDIR] };
+            assert!(got.is_some_and(|e| want.contains(&e)), "{path} {openat2}: {got:?}");
+        }
+        assert!(matches!(tree.existing_dir(&c("l/x")), Err(tree::Unreachable::NotDir { at: 0, symlink: true })));
+        assert!(matches!(tree.existing_dir(&c("d/none/x")), Err(tree::Unreachable::Missing)));
+    }
+}
+
 /// Sizes no real layer has: rejected before anything is written, or as soon as the stream
 /// contradicts them.
 #[test]
@@ -1124,6 +1222,65 @@ fn faithful_setuid_setgid_sticky() {
         let m = fs::symlink_metadata(root.join(p)).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (mode, uid, gid), "{p}");
     }
+}
+
+/// What we make needs no chown when it already has the owner wanted, which we only count on when
+/// its directory's group is ours (setgid or not): else, and whenever a directory's owner changed
+/// since its entries were made, the owner is set. Files made with their mode (in the thread of
+/// a compressed layer, whose umask is cleared) have it exactly, whatever the process's umask.
+#[test]
+fn faithful_owner_and_mode_without_needless_chown_or_chmod() {
+    assert_eq!(tree::new_owner((0, 0), 0), Some((0, 0)));
+    assert_eq!(tree::new_owner((0, 0), 1000), None, "a setgid directory would pass its group on");
+    assert_eq!(tree::new_owner((1000, 100), 100), Some((1000, 100)));
+
+    let tar = Layer::new()
+        .add(E { mode: 0o2775, ..e("d/", T::Directory) })
+        .add(E { data: b"a", ..e("d/a", T::Regular) })
+        // The same directory again, now of another group (setgid): its new entries would get it.
+        .add(E { mode: 0o2775, gid: 1000, ..e("d/", T::Directory) })
+        .add(E { data: b"b", ..e("d/b", T::Regular) })
+        .add(E { link: Some("b"), ..e("d/l", T::Symlink) })
+        .add(E { mode: 0o755, ..e("d/sub/", T::Directory) })
+        .add(E { mode: 0o640, gid: 1000, ..e("d/own", T::Regular) })
+        .add(E { mode: 0o640, uid: 7, gid: 0, ..e("d/sub/other", T::Regular) })
+        .add(E { mode: 0o2750, uid: 0, gid: 50, ..e("./", T::Directory) })
+        .add(E { data: b"r", ..e("r", T::Regular) })
+        .add(E { data: b"w", mode: 0o666, ..e("world-writable", T::Regular) })
+        .add(E { data: b"x", mode: 0o777, uid: 5, gid: 5, ..e("all", T::Regular) })
+        .add(E { data: b"s", mode: 0o4755, ..e("setuid", T::Regular) })
+        .add(E { data: b"n", mode: 0o000, ..e("none", T::Regular) })
+        .finish();
+    let gz = gzip(&tar);
+    let umask = || {
+        let status = fs::read_to_string("/proc/thread-self/status").unwrap();
+        status.lines().find(|l| l.starts_with("Umask:")).map(str::to_string)
+    };
+    let before = umask();
+    for (blob, c) in [(&tar, Compression::None), (&gz, Compression::Gzip)] {
+        let s = Scratch::new();
+        let root = s.unpack(blob, c, &diff_id(&tar)).unwrap();
+        for (p, mode, uid, gid) in [
+            ("d", 0o2775, 0, 1000),
+            ("d/a", 0o644, 0, 0),
+            ("d/b", 0o644, 0, 0),
+            ("d/l", 0o777, 0, 0),
+            ("d/sub", 0o755, 0, 0),
+            ("d/own", 0o640, 0, 1000),
+            ("d/sub/other", 0o640, 7, 0),
+            ("", 0o2750, 0, 50),
+            ("r", 0o644, 0, 0),
+            ("world-writable", 0o666, 0, 0),
+            ("all", 0o777, 5, 5),
+            ("setuid", 0o4755, 0, 0),
+            ("none", 0o000, 0, 0),
+        ] {
+            let m = fs::symlink_metadata(root.join(p)).unwrap();
+            assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (mode, uid, gid), "{c:?} {p:?}");
+        }
+        assert_eq!(fs::read(root.join("none")).unwrap(), b"n");
+    }
+    assert_eq!(umask(), before, "only the unpacking thread's umask is cleared");
 }
 
 #[test]

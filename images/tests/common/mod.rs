@@ -28,6 +28,20 @@ impl Registry {
     /// Starts a registry; with `user` set, every request needs that user name and password
     /// (htpasswd, bcrypt). Waits until `GET /v2/` answers.
     pub fn start(user: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(user, "")
+    }
+
+    /// A registry that also accepts manifests whose layers list URLs on 127.0.0.1
+    /// (non-distributable layers), which it refuses by default.
+    pub fn start_allowing_layer_urls() -> Registry {
+        Registry::start_with(
+            None,
+            "validation:\n  manifests:\n    urls:\n      allow:\n        - '^http://127\\.0\\.0\\.1:'\n",
+        )
+    }
+
+    /// [`Registry::start`], with `extra` (top-level YAML sections) appended to its configuration.
+    fn start_with(user: Option<(&str, &str)>, extra: &str) -> Registry {
         assert!(Path::new(REGISTRY).exists(), "{REGISTRY} is missing: apt-get install docker-registry");
         let dir = tempfile::Builder::new().prefix("images-registry-").tempdir().expect("registry temp dir");
         let log = dir.path().join("registry.log");
@@ -50,7 +64,7 @@ impl Registry {
                 format!(
                     "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n\
-                     http:\n  addr: {addr}\n  secret: images-tests\n{auth}",
+                     http:\n  addr: {addr}\n  secret: images-tests\n{auth}{extra}",
                     dir.path().join("storage").display()
                 ),
             )
@@ -81,8 +95,9 @@ impl Registry {
         &self.addr
     }
 
-    /// How many times each blob (`sha256:…`) was fetched (`GET …/blobs/…` answered 200), whatever
-    /// the repository. Waits briefly for the log to catch up with finished requests.
+    /// How many times each blob (`sha256:…`) was fetched (`GET …/blobs/…` answered 200, or 206
+    /// to a range from byte 0, as pulls ask), whatever the repository. Waits briefly for the log
+    /// to catch up with finished requests.
     pub fn blob_gets(&self) -> HashMap<String, usize> {
         std::thread::sleep(Duration::from_millis(300));
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -92,7 +107,8 @@ impl Registry {
             let Some((_, request)) = line.split_once("\"GET /v2/") else { continue };
             let Some((path, rest)) = request.split_once(" HTTP/") else { continue };
             let Some((_, digest)) = path.split_once("/blobs/") else { continue };
-            if rest.split_once("\" ").is_some_and(|(_, status)| status.starts_with("200")) {
+            if rest.split_once("\" ").is_some_and(|(_, status)| status.starts_with("200") || status.starts_with("206"))
+            {
                 *counts.entry(digest.to_string()).or_insert(0) += 1;
             }
         }
