@@ -35,13 +35,16 @@ pub enum ConnectError {
     Handshake(SocketAddr, hyper::Error),
 }
 
+/// Idle connections by instance address, each with the time it became idle.
+type Idle = HashMap<SocketAddr, Vec<(Instant, SendRequest<RequestBody>)>>;
+
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(Instant, SendRequest<RequestBody>)>>>,
+    idle: Mutex<Idle>,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<(Instant, SendRequest<RequestBody>)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
