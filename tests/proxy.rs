@@ -126,7 +126,10 @@ fn a_trusted_load_balancer_passes_the_client_ip_by_proxy_protocol_and_headers() 
     let ok = common::wait_until(Duration::from_secs(20), || ask(&v2, "").starts_with("HTTP/1.1 200"));
     assert!(ok, "no answer through the PROXY protocol: {}", ask(&v2, ""));
     let seen = ask(&v2, "");
-    assert!(seen.contains("x-forwarded-for: 203.0.113.7\r\n") || seen.contains("x-forwarded-for: 203.0.113.7\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.7\r\n") || seen.contains("x-forwarded-for: 203.0.113.7\n"),
+        "{seen}"
+    );
     assert!(seen.contains("for=203.0.113.7"), "{seen}");
     // Version 1 too; and the balancer's own X-Forwarded-For chain is kept (it is trusted).
     let v1 = b"PROXY TCP4 198.51.100.9 127.0.0.1 41000 80\r\n";
@@ -286,7 +289,8 @@ fn large_downloads_are_streamed() {
     c.stream().write_all(b"GET /big?mb=512 HTTP/1.1\r\nHost: down.localhost\r\n\r\n").expect("write");
     let (status, headers) = c.read_head().expect("head");
     assert_eq!(status, 200);
-    let len: u64 = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).expect("length");
+    let len: u64 =
+        headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).expect("length");
     assert_eq!(len, 512 << 20);
     let mut left = len;
     let mut buf = vec![0u8; 1 << 20];
@@ -320,7 +324,8 @@ fn h2c_trailers_expect_continue_and_the_body_limit() {
     assert!(r.trailers.contains(&("x-checksum".into(), "abc123".into())), "{:?}", r.trailers);
     // A body over the limit is refused before it is sent: no 100 Continue.
     let mut c = Conn::open(daemon.proxy_addr()).expect("connect");
-    let head = "POST /upload HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 2097152\r\nExpect: 100-continue\r\n\r\n";
+    let head =
+        "POST /upload HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 2097152\r\nExpect: 100-continue\r\n\r\n";
     c.stream().write_all(head.as_bytes()).expect("write");
     let (status, _) = c.read_head().expect("answer");
     assert_eq!(status, 413);
@@ -372,7 +377,13 @@ fn timeouts_answer_504_and_a_dead_port_502() {
 #[test]
 fn health_checks_take_a_failing_instance_out_and_bring_it_back() {
     let (_registry, image, daemon) = setup(&[]);
-    let show = launch(&daemon, &image, "hc", 2, &["--health", "/health", "--health-interval", "200ms", "--health-fall", "2", "--health-rise", "2"]);
+    let show = launch(
+        &daemon,
+        &image,
+        "hc",
+        2,
+        &["--health", "/health", "--health-interval", "200ms", "--health-fall", "2", "--health-rise", "2"],
+    );
     let ips = instance_ips(&show);
     assert_eq!(ips.len(), 2);
     let name_of = |ip: &str| common::http_get(&format!("{ip}:8080"), "x", "/hostname").1.trim().to_string();
@@ -384,7 +395,10 @@ fn health_checks_take_a_failing_instance_out_and_bring_it_back() {
         assert_ne!(r.header("x-instance"), Some(sick.as_str()), "an unhealthy instance got traffic");
     }
     let metrics = api_get(&daemon, "/metrics");
-    assert!(metrics.contains(&format!("deliverous_proxy_instance_healthy{{app=\"hc\",instance=\"{sick}\"}} 0")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("deliverous_proxy_instance_healthy{{app=\"hc\",instance=\"{sick}\"}} 0")),
+        "{metrics}"
+    );
     common::http_get(&format!("{}:8080", ips[0]), "x", "/health/set?ok=1");
     let back = common::wait_until(Duration::from_secs(5), || {
         (0..10).any(|_| get(&daemon, "hc.localhost", "/hostname", &[]).header("x-instance") == Some(sick.as_str()))
@@ -423,7 +437,10 @@ fn round_robin_and_least_outstanding_spread_requests() {
             let addr = addr.clone();
             std::thread::spawn(move || {
                 let mut c = Conn::open(&addr).expect("connect");
-                c.request("GET", "/slow?ms=1500", "rr.localhost", &[], b"").expect("slow").header("x-instance").map(String::from)
+                c.request("GET", "/slow?ms=1500", "rr.localhost", &[], b"")
+                    .expect("slow")
+                    .header("x-instance")
+                    .map(String::from)
             })
         })
         .collect();
@@ -488,7 +505,10 @@ fn draining_lets_in_flight_requests_finish_on_scale_down() {
     daemon.cli_ok(&["app", "scale", "drain", "1"]);
     let results: Vec<(u16, Option<String>)> = slow.into_iter().map(|t| t.join().expect("thread")).collect();
     assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
-    assert!(results.iter().any(|(_, i)| i.as_deref() == Some("drain.2")), "no request landed on the drained one: {results:?}");
+    assert!(
+        results.iter().any(|(_, i)| i.as_deref() == Some("drain.2")),
+        "no request landed on the drained one: {results:?}"
+    );
 }
 
 #[test]
@@ -554,7 +574,10 @@ fn metrics_and_access_log() {
     }
     let metrics = api_get(&daemon, "/metrics");
     assert!(metrics.contains("deliverous_proxy_requests_total{app=\"web\",code=\"5xx\"} 5"), "{metrics}");
-    assert!(metrics.contains("deliverous_proxy_requests_total{app=\"web\",instance=\"web.1\",code=\"5xx\"} 5"), "{metrics}");
+    assert!(
+        metrics.contains("deliverous_proxy_requests_total{app=\"web\",instance=\"web.1\",code=\"5xx\"} 5"),
+        "{metrics}"
+    );
     assert!(metrics.contains("deliverous_proxy_request_duration_seconds_bucket{app=\"web\",le=\"+Inf\"}"), "{metrics}");
     let ok = common::wait_until(Duration::from_secs(5), || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.lines().filter(|l| l.contains("\"status\":503")).count() >= 5)
@@ -566,4 +589,142 @@ fn metrics_and_access_log() {
     assert_eq!(line["instance"], "web.1");
     assert_eq!(line["path"], "/status?code=503");
     assert_eq!(line["request_id"].as_str().map(str::len), Some(32));
+}
+
+/// A test CA and a certificate signed by it for `names`, written as `DIR/FILE.crt` + `.key`.
+fn issue_cert(dir: &std::path::Path, ca: &std::path::Path, file: &str, names: &[&str]) {
+    let san = names.iter().map(|n| format!("DNS:{n}")).collect::<Vec<_>>().join(",");
+    let script = format!(
+        "set -e; cd {work}; \
+         [ -f ca.pem ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout ca.key -out ca.pem -days 2 -subj /CN=dlv-test-ca 2>/dev/null; \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {file}.key \
+            -out {file}.csr -subj /CN={file} 2>/dev/null; \
+         printf 'subjectAltName={san}\\n' > {file}.ext; \
+         openssl x509 -req -in {file}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {file}.crt -days 2 \
+            -extfile {file}.ext 2>/dev/null; \
+         chmod 600 {file}.key; mv {file}.key {file}.crt {out}/",
+        work = ca.display(),
+        out = dir.display(),
+    );
+    let status = std::process::Command::new("bash").args(["-c", &script]).status().expect("run openssl");
+    assert!(status.success(), "openssl failed");
+}
+
+/// `curl` over TLS with SNI `name`, trusting the test CA; (HTTP version, status, body).
+fn curl_tls(port: u16, name: &str, ca: &std::path::Path, path: &str) -> (String, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--resolve", &format!("{name}:{port}:127.0.0.1"), "--cacert"])
+        .arg(ca.join("ca.pem"))
+        .args(["-w", "\n%{http_version} %{http_code}", &format!("https://{name}:{port}{path}")])
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let (version, code) = last.split_once(' ').unwrap_or(("", ""));
+    (version.to_string(), code.to_string(), format!("{body}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn tls_termination_with_sni_http2_and_certificates_reloaded_in_place() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = tempfile::tempdir().expect("tempdir");
+    issue_cert(certs.path(), ca.path(), "wild", &["*.tls.test"]);
+    let port = common::free_port();
+    let https = format!("127.0.0.1:{port}");
+    let certs_arg = certs.path().to_string_lossy().into_owned();
+    let (_registry, image, daemon) = setup(&["--https-listen", &https, "--certs-dir", &certs_arg]);
+    launch(&daemon, &image, "web", 1, &["--domain", "*.tls.test", "--domain", "new.example.test"]);
+    // ALPN picks HTTP/2; the app learns the request came over HTTPS.
+    let (version, code, body) = curl_tls(port, "a.tls.test", ca.path(), "/headers");
+    assert_eq!((version.as_str(), code.as_str()), ("2", "200"), "{body}");
+    assert!(body.contains("x-forwarded-proto: https"), "{body}");
+    // No certificate for this name yet: the default one (for *.tls.test) fails the name check.
+    let (_, code, body) = curl_tls(port, "new.example.test", ca.path(), "/hostname");
+    assert_ne!(code, "200", "{body}");
+    // A certificate dropped into the directory is served without a restart.
+    issue_cert(certs.path(), ca.path(), "new", &["new.example.test"]);
+    let ok = common::wait_until(Duration::from_secs(15), || {
+        curl_tls(port, "new.example.test", ca.path(), "/hostname").1 == "200"
+    });
+    assert!(ok, "new certificate not picked up: {:?}", curl_tls(port, "new.example.test", ca.path(), "/hostname"));
+    assert_eq!(curl_tls(port, "b.tls.test", ca.path(), "/hostname").1, "200");
+}
+
+#[test]
+fn idle_and_slow_clients_are_cut_at_the_client_timeout() {
+    let (_registry, image, daemon) = setup(&["--client-timeout", "1s"]);
+    launch(&daemon, &image, "web", 1, &[]);
+    let closed_within = |mut s: TcpStream| {
+        let start = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    };
+    // A client that connects and sends half a request head.
+    let mut s = TcpStream::connect(daemon.proxy_addr()).expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web.local").expect("write");
+    let t = closed_within(s);
+    assert!(t < Duration::from_secs(4), "half a head kept for {t:?}");
+    // An idle keep-alive connection after one request.
+    let mut c = Conn::open(daemon.proxy_addr()).expect("connect");
+    assert_eq!(c.request("GET", "/hostname", "web.localhost", &[], b"").expect("request").status, 200);
+    let t = closed_within(c.stream().try_clone().expect("clone"));
+    assert!(t < Duration::from_secs(4), "idle keep-alive connection kept for {t:?}");
+}
+
+/// Kills (by PID) and reaps a child when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_proxy_runs_alone_with_routes_from_a_file_reloaded_on_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app_port = common::free_port();
+    let _app = Child(
+        std::process::Command::new(common::testapp_binary())
+            .env("PORT", app_port.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the testapp on the host"),
+    );
+    let routes = dir.path().join("routes.json");
+    let write_routes = |host: &str| {
+        let config = serde_json::json!({"apps": [{"app": "solo", "hosts": [host],
+            "backends": [{"instance": "solo.1", "addr": format!("127.0.0.1:{app_port}")}]}]});
+        std::fs::write(&routes, config.to_string()).expect("write routes");
+    };
+    write_routes("one.test");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let proxy = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_deliverous"))
+            .args(["proxy", "--listen", &listen, "--proxy-threads", "1", "--routes"])
+            .arg(&routes)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start deliverous proxy"),
+    );
+    common::http_get_retry(&listen, "one.test", "/hostname", Duration::from_secs(10), |s, _| s == 200);
+    write_routes("two.test");
+    // SAFETY: kill(2) on the PID of the proxy this test started.
+    assert_eq!(unsafe { libc::kill(proxy.0.id() as i32, libc::SIGHUP) }, 0);
+    common::http_get_retry(&listen, "two.test", "/hostname", Duration::from_secs(10), |s, _| s == 200);
+    assert_eq!(common::http_get(&listen, "one.test", "/").0, 404);
+    // A broken file keeps the routes it had.
+    std::fs::write(&routes, "{not json").expect("write");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(proxy.0.id() as i32, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(common::http_get(&listen, "two.test", "/hostname").0, 200);
 }

@@ -20,10 +20,6 @@ use super::routes::{RouteTable, Table, TcpPort};
 use super::tls::CertStore;
 use super::{access, health, tcp};
 
-/// Time a client has to send its request head (and a PROXY header), as nginx's
-/// `client_header_timeout`; also how long an idle keep-alive connection stays open.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// An address range (`10.0.0.0/8`, `2001:db8::/32`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -94,6 +90,9 @@ pub struct ProxyOptions {
     pub certs: Option<Arc<CertStore>>,
     /// Address TCP passthrough ports listen on.
     pub tcp_ip: IpAddr,
+    /// Time a client has to send its request head (and PROXY header, and TLS handshake), as
+    /// nginx's `client_header_timeout`; also how long an idle keep-alive connection stays open.
+    pub client_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -106,6 +105,7 @@ impl Default for ProxyOptions {
             proxy_protocol: false,
             certs: None,
             tcp_ip: IpAddr::from([0, 0, 0, 0]),
+            client_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -125,6 +125,7 @@ struct Shared {
     trusted: Vec<Cidr>,
     proxy_protocol: bool,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    client_timeout: Duration,
 }
 
 impl Shared {
@@ -216,6 +217,7 @@ pub fn start(options: ProxyOptions, table: Arc<RouteTable>) -> Result<ProxyHandl
         trusted: options.trusted.clone(),
         proxy_protocol: options.proxy_protocol,
         tls,
+        client_timeout: options.client_timeout,
     });
     let (shutdown, rx) = watch::channel(false);
     let mut handle = ProxyHandle { http_addrs, https_addrs, shutdown, threads: Vec::new() };
@@ -309,7 +311,7 @@ async fn serve_conn(
     let trusted = shared.trusts(peer.ip());
     let mut client = peer;
     if shared.proxy_protocol && trusted {
-        match proxy_protocol::read_header(&mut stream, HEADER_TIMEOUT).await {
+        match proxy_protocol::read_header(&mut stream, shared.client_timeout).await {
             Ok(ProxyHeader::Proxied { source, .. }) => client = canonical(source),
             Ok(ProxyHeader::Local) => {}
             Err(e) => {
@@ -320,16 +322,16 @@ async fn serve_conn(
     }
     let info = ConnInfo { client, trusted, https };
     match (https, &shared.tls) {
-        (true, Some(acceptor)) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder).await,
+        (true, Some(acceptor)) => match tokio::time::timeout(shared.client_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, shared.client_timeout).await,
             Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
             Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
         },
-        _ => serve_http(TokioIo::new(stream), info, forwarder).await,
+        _ => serve_http(TokioIo::new(stream), info, forwarder, shared.client_timeout).await,
     }
 }
 
-async fn serve_http<I>(io: I, info: ConnInfo, forwarder: Arc<Forwarder>)
+async fn serve_http<I>(io: I, info: ConnInfo, forwarder: Arc<Forwarder>, client_timeout: Duration)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -340,8 +342,14 @@ where
         async move { Ok::<_, Infallible>(forwarder.handle(req, &info).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(250);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout);
+    // h2: an idle connection is pinged, and closed when the client stops answering.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(250)
+        .keep_alive_interval(client_timeout)
+        .keep_alive_timeout(Duration::from_secs(20));
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!("proxy connection from {peer}: {e}");
     }
