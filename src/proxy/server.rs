@@ -438,3 +438,64 @@ mod tests {
         assert!("nope".parse::<Cidr>().is_err());
     }
 }
+
+/// The proxy in front of a real backend, driven by a client that writes each request in several
+/// small segments (as many simple clients do: HTTP/1 must not be mistaken for an h2 preface).
+#[cfg(test)]
+mod fragmented_requests {
+    use super::*;
+    use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
+    use std::io::{Read, Write};
+
+    #[test]
+    fn fragmented_requests_are_served() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for s in backend.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                });
+            }
+        });
+        let table = Arc::new(RouteTable::default());
+        table.publish(RouteConfig {
+            apps: vec![AppRoute {
+                app: "a".into(),
+                hosts: vec!["a.localhost".into()],
+                backends: vec![BackendSpec { instance: "a.1".into(), addr: backend_addr }],
+                options: Default::default(),
+                tcp: Vec::new(),
+            }],
+        });
+        let options =
+            ProxyOptions { http: vec![SocketAddr::from(([127, 0, 0, 1], 0))], threads: 1, ..Default::default() };
+        let handle = start(options, table).expect("start the proxy");
+        let proxy_addr = handle.http_addrs[0];
+        let mut stuck = 0;
+        for i in 0..300 {
+            let mut s = std::net::TcpStream::connect(proxy_addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            for piece in ["GET ", "/", " HTTP/1.1\r\nHost: ", "a.localhost", "\r\nConnection: close\r\n\r\n"] {
+                s.write_all(piece.as_bytes()).expect("write");
+            }
+            let mut out = Vec::new();
+            if let Err(e) = s.read_to_end(&mut out) {
+                stuck += 1;
+                eprintln!("request {i}: {e}");
+            } else {
+                assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+            }
+        }
+        assert_eq!(stuck, 0);
+    }
+}
