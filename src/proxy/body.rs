@@ -250,7 +250,12 @@ impl ResponseBody {
         conn: Option<(Arc<Pool>, SocketAddr, SendRequest<RequestBody>)>,
         ticket: Ticket,
     ) -> ResponseBody {
-        ResponseBody::Upstream(Box::new(UpstreamBody { inner, read_timeout, timer: None, deadline, conn, ticket }))
+        let mut body = UpstreamBody { inner, read_timeout, timer: None, deadline, conn, ticket };
+        // No body at all (204, 304, HEAD, `Content-Length: 0`): never polled, done now.
+        if body.inner.is_end_stream() {
+            body.complete(None);
+        }
+        ResponseBody::Upstream(Box::new(body))
     }
 }
 
@@ -293,13 +298,24 @@ impl Body for ResponseBody {
 }
 
 impl UpstreamBody {
+    /// The body is complete: the connection can serve another exchange. The server side stops
+    /// polling a body as soon as it reports its end (`is_end_stream`), so this runs on the last
+    /// frame, not on a final `None` that may never be asked for.
+    fn complete(&mut self, cx: Option<&mut Context<'_>>) {
+        if let Some((pool, addr, sender)) = self.conn.take() {
+            pool.give_back(addr, sender, cx);
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.ticket.add_bytes_out(data.len() as u64);
                 }
-                if self.timer.is_some() {
+                if self.inner.is_end_stream() {
+                    self.complete(Some(cx));
+                } else if self.timer.is_some() {
                     let next = self.next_deadline();
                     if let Some(timer) = self.timer.as_mut() {
                         timer.as_mut().reset(next);
@@ -315,9 +331,7 @@ impl UpstreamBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {
-                if let Some((pool, addr, sender)) = self.conn.take() {
-                    pool.put_when_ready(addr, sender, cx);
-                }
+                self.complete(Some(cx));
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -499,3 +499,116 @@ mod fragmented_requests {
         assert_eq!(stuck, 0);
     }
 }
+
+/// Upstream connections are kept and reused, whatever the response body's framing.
+#[cfg(test)]
+mod keep_alive {
+    use super::*;
+    use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A keep-alive backend that counts the connections it accepts; `/empty` answers 204,
+    /// `/chunked` a chunked body, anything else `ok` with a length.
+    fn backend(accepted: Arc<AtomicUsize>) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().expect("clone");
+                    let mut r = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                        let head = line.starts_with("HEAD");
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        let answer: &[u8] = match (path.as_str(), head) {
+                            ("/empty", _) => b"HTTP/1.1 204 No Content\r\n\r\n",
+                            ("/chunked", _) => {
+                                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                            }
+                            (_, true) => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+                            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        };
+                        if w.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn upstream_connections_are_reused() {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let backend_addr = backend(accepted.clone());
+        let table = Arc::new(RouteTable::default());
+        table.publish(RouteConfig {
+            apps: vec![AppRoute {
+                app: "a".into(),
+                hosts: vec!["a.localhost".into()],
+                backends: vec![BackendSpec { instance: "a.1".into(), addr: backend_addr }],
+                options: Default::default(),
+                tcp: Vec::new(),
+            }],
+        });
+        let options =
+            ProxyOptions { http: vec![SocketAddr::from(([127, 0, 0, 1], 0))], threads: 1, ..Default::default() };
+        let handle = start(options, table).expect("start the proxy");
+        let mut client = std::net::TcpStream::connect(handle.http_addrs[0]).expect("connect");
+        client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut reader = BufReader::new(client.try_clone().expect("clone"));
+        for i in 0..200 {
+            let (method, path) = match i % 4 {
+                0 => ("GET", "/"),
+                1 => ("HEAD", "/"),
+                2 => ("GET", "/empty"),
+                _ => ("GET", "/chunked"),
+            };
+            let request = format!("{method} {path} HTTP/1.1\r\nHost: a.localhost\r\n\r\n");
+            client.write_all(request.as_bytes()).expect("write");
+            let mut length = 0;
+            let mut chunked = false;
+            let mut status = String::new();
+            reader.read_line(&mut status).expect("status");
+            assert!(status.contains(" 20"), "{status}");
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).expect("header");
+                let lower = h.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().expect("length");
+                }
+                chunked |= lower.starts_with("transfer-encoding: chunked");
+                if h == "\r\n" {
+                    break;
+                }
+            }
+            if chunked {
+                let mut rest = Vec::new();
+                while !rest.ends_with(b"0\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    reader.read_exact(&mut b).expect("chunked body");
+                    rest.push(b[0]);
+                }
+            } else if method != "HEAD" {
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).expect("body");
+            }
+        }
+        let n = accepted.load(Ordering::Relaxed);
+        assert!(n <= 3, "200 sequential requests opened {n} connections to the instance");
+    }
+}
