@@ -358,19 +358,31 @@ fn h2c_trailers_expect_continue_and_the_body_limit() {
 }
 
 #[test]
-fn timeouts_answer_504_and_a_dead_port_502() {
+fn timeouts_cut_silent_and_endless_exchanges() {
     let (_registry, image, daemon) = setup(&[]);
     launch(&daemon, &image, "slow", 1, &["--read-timeout", "500ms"]);
+    // No response head in time: 504.
     let start = Instant::now();
     let r = get(&daemon, "slow.localhost", "/slow?ms=3000", &[]);
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(start.elapsed() < Duration::from_millis(2500));
-    // A stream that goes quiet is cut.
-    let r = get(&daemon, "slow.localhost", "/slow?ms=100", &[]);
-    assert_eq!(r.status, 200);
-    // An app whose instances do not listen on the declared port.
-    daemon.cli_ok(&["app", "create", "deaf", "--image", "127.0.0.1:1/none:1", "--port", "8080"]);
-    let r = get(&daemon, "deaf.localhost", "/", &[]);
+    assert_eq!(get(&daemon, "slow.localhost", "/slow?ms=100", &[]).status, 200);
+    // A body that goes quiet for longer than the read timeout is cut.
+    let mut c = Conn::open(daemon.proxy_addr()).expect("connect");
+    let cut = c.request("GET", "/stream?chunks=3&size=10&ms=1500", "slow.localhost", &[], b"");
+    assert!(cut.is_err(), "a stalled body was not cut: {cut:?}");
+    // A body that keeps flowing is cut at the total timeout, and only there.
+    daemon.cli_ok(&["app", "config", "slow", "--read-timeout", "5s", "--total-timeout", "1s"]);
+    let start = Instant::now();
+    let mut c = Conn::open(daemon.proxy_addr()).expect("connect");
+    let cut = c.request("GET", "/stream?chunks=40&size=10&ms=100", "slow.localhost", &[], b"");
+    assert!(cut.is_err(), "a 4 s stream outlived a 1 s total timeout: {cut:?}");
+    assert!(start.elapsed() < Duration::from_millis(2500), "cut after {:?}", start.elapsed());
+    let r = get(&daemon, "slow.localhost", "/stream?chunks=3&size=10&ms=100", &[]);
+    assert_eq!((r.status, r.body.len()), (200, 30));
+    // An app with no instance running.
+    daemon.cli_ok(&["app", "create", "idle", "--image", &image.reference, "--port", "8080"]);
+    let r = get(&daemon, "idle.localhost", "/", &[]);
     assert_eq!(r.status, 503, "{}", r.text());
 }
 

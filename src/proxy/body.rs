@@ -17,7 +17,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use super::access;
-use super::metrics::AppMetrics;
 use super::pool::Pool;
 use super::routes::InFlight;
 
@@ -127,7 +126,7 @@ pub struct AccessInfo {
 /// Accounting for one exchange, settled when it is dropped.
 pub struct Ticket {
     start: Instant,
-    app: Option<(String, Arc<AppMetrics>)>,
+    app: Option<Arc<super::routes::Route>>,
     backend: Option<InFlight>,
     pub status: u16,
     exchange: Option<Arc<Exchange>>,
@@ -141,8 +140,8 @@ impl Ticket {
         Ticket { start, app: None, backend: None, status: 0, exchange: None, bytes_out: 0, upstream_ms: None, access }
     }
 
-    pub fn set_app(&mut self, name: &str, metrics: Arc<AppMetrics>) {
-        self.app = Some((name.to_string(), metrics));
+    pub fn set_route(&mut self, route: Arc<super::routes::Route>) {
+        self.app = Some(route);
     }
 
     pub fn set_exchange(&mut self, exchange: Arc<Exchange>) {
@@ -174,8 +173,8 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let bytes_in = self.exchange.as_ref().map(|e| e.bytes_in.load(Ordering::Relaxed)).unwrap_or(0);
-        if let Some((_, m)) = &self.app {
-            m.record(self.status, elapsed, bytes_in, self.bytes_out);
+        if let Some(route) = &self.app {
+            route.metrics.record(self.status, elapsed, bytes_in, self.bytes_out);
         }
         if let Some(b) = &self.backend {
             b.backend().metrics.record(self.status, elapsed, bytes_in, self.bytes_out);
@@ -186,7 +185,7 @@ impl Drop for Ticket {
             let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let _ = write!(out, "{{\"ts\":\"{ts}\",\"app\":");
             match &self.app {
-                Some((name, _)) => access::json_str(out, name),
+                Some(route) => access::json_str(out, &route.app),
                 None => out.extend_from_slice(b"null"),
             }
             out.extend_from_slice(b",\"instance\":");
