@@ -31,9 +31,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Manage apps: create, config, start, scale, stop, rm, ls, show.
+    /// Manage apps: create, config, start, scale, stop, rm, ls, show, export.
     #[command(subcommand)]
     App(cli::AppCommand),
+    /// Create, change, start, scale and (with --prune) remove apps to match a TOML file.
+    #[command(
+        after_help = "Examples:\n  deliverous apply -f deliverous.toml --dry-run\n  deliverous apply -f deliverous.toml"
+    )]
+    Apply(cli::ApplyArgs),
     /// Manage images: pull, ls.
     #[command(subcommand)]
     Image(cli::ImageCommand),
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => daemon::main(args),
         Command::Proxy(args) => proxy::cli::standalone(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
+        Command::Apply(args) => with_client(&cli.host, |host| async move { cli::run_apply(&host, args).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -1,6 +1,7 @@
 //! Client commands: turn `deliverous app …` / `image …` into API calls and print the answers
 //! as aligned tables or, with `--json`, as JSON.
 
+mod apply;
 mod client;
 mod progress;
 mod registry;
@@ -11,6 +12,7 @@ use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::{json, Map, Value};
 
+pub use apply::{run_apply, ApplyArgs};
 pub use client::Host;
 use client::{call, call_stream, CallError};
 pub use registry::{run_registry, RegistryCommand};
@@ -72,6 +74,16 @@ pub enum AppCommand {
         name: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Print apps as a file `deliverous apply -f` takes back.
+    #[command(after_help = "Example:\n  deliverous app export --all > deliverous.toml")]
+    Export {
+        /// The apps to print.
+        #[arg(required_unless_present = "all")]
+        names: Vec<String>,
+        /// Every app.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
     },
 }
 
@@ -426,6 +438,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                 table(&["NAME", "STATE", "INSTANCES", "IMAGE", "PORT", "HOSTS"], rows);
             }
         }),
+        AppCommand::Export { names, all } => return apply::run_export(host, names, all).await,
         AppCommand::Show { name, json } => {
             call(host, Method::GET, &format!("/v1/apps/{name}"), None).await.map(|app| {
                 if json {

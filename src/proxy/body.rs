@@ -17,7 +17,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use super::access;
-use super::metrics::AppMetrics;
 use super::pool::Pool;
 use super::routes::InFlight;
 
@@ -127,7 +126,7 @@ pub struct AccessInfo {
 /// Accounting for one exchange, settled when it is dropped.
 pub struct Ticket {
     start: Instant,
-    app: Option<(String, Arc<AppMetrics>)>,
+    app: Option<Arc<super::routes::Route>>,
     backend: Option<InFlight>,
     pub status: u16,
     exchange: Option<Arc<Exchange>>,
@@ -141,8 +140,8 @@ impl Ticket {
         Ticket { start, app: None, backend: None, status: 0, exchange: None, bytes_out: 0, upstream_ms: None, access }
     }
 
-    pub fn set_app(&mut self, name: &str, metrics: Arc<AppMetrics>) {
-        self.app = Some((name.to_string(), metrics));
+    pub fn set_route(&mut self, route: Arc<super::routes::Route>) {
+        self.app = Some(route);
     }
 
     pub fn set_exchange(&mut self, exchange: Arc<Exchange>) {
@@ -174,8 +173,8 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let bytes_in = self.exchange.as_ref().map(|e| e.bytes_in.load(Ordering::Relaxed)).unwrap_or(0);
-        if let Some((_, m)) = &self.app {
-            m.record(self.status, elapsed, bytes_in, self.bytes_out);
+        if let Some(route) = &self.app {
+            route.metrics.record(self.status, elapsed, bytes_in, self.bytes_out);
         }
         if let Some(b) = &self.backend {
             b.backend().metrics.record(self.status, elapsed, bytes_in, self.bytes_out);
@@ -186,7 +185,7 @@ impl Drop for Ticket {
             let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let _ = write!(out, "{{\"ts\":\"{ts}\",\"app\":");
             match &self.app {
-                Some((name, _)) => access::json_str(out, name),
+                Some(route) => access::json_str(out, &route.app),
                 None => out.extend_from_slice(b"null"),
             }
             out.extend_from_slice(b",\"instance\":");
@@ -250,7 +249,12 @@ impl ResponseBody {
         conn: Option<(Arc<Pool>, SocketAddr, SendRequest<RequestBody>)>,
         ticket: Ticket,
     ) -> ResponseBody {
-        ResponseBody::Upstream(Box::new(UpstreamBody { inner, read_timeout, timer: None, deadline, conn, ticket }))
+        let mut body = UpstreamBody { inner, read_timeout, timer: None, deadline, conn, ticket };
+        // No body at all (204, 304, HEAD, `Content-Length: 0`): never polled, done now.
+        if body.inner.is_end_stream() {
+            body.complete(None);
+        }
+        ResponseBody::Upstream(Box::new(body))
     }
 }
 
@@ -293,13 +297,24 @@ impl Body for ResponseBody {
 }
 
 impl UpstreamBody {
+    /// The body is complete: the connection can serve another exchange. The server side stops
+    /// polling a body as soon as it reports its end (`is_end_stream`), so this runs on the last
+    /// frame, not on a final `None` that may never be asked for.
+    fn complete(&mut self, cx: Option<&mut Context<'_>>) {
+        if let Some((pool, addr, sender)) = self.conn.take() {
+            pool.give_back(addr, sender, cx);
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.ticket.add_bytes_out(data.len() as u64);
                 }
-                if self.timer.is_some() {
+                if self.inner.is_end_stream() {
+                    self.complete(Some(cx));
+                } else if self.timer.is_some() {
                     let next = self.next_deadline();
                     if let Some(timer) = self.timer.as_mut() {
                         timer.as_mut().reset(next);
@@ -315,9 +330,7 @@ impl UpstreamBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {
-                if let Some((pool, addr, sender)) = self.conn.take() {
-                    pool.put_when_ready(addr, sender, cx);
-                }
+                self.complete(Some(cx));
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -30,6 +30,10 @@ pub struct ProxyFlags {
     /// Connections from --trusted-proxy addresses start with a PROXY protocol v1/v2 header.
     #[arg(long = "proxy-protocol")]
     pub proxy_protocol: bool,
+    /// Time a client has to send a request head, and that an idle keep-alive connection stays
+    /// open (as nginx's client_header_timeout / keepalive_timeout).
+    #[arg(long = "client-timeout", value_name = "DURATION", default_value = "30s", value_parser = crate::apps::parse_duration_ms)]
+    pub client_timeout_ms: u64,
     /// Append one JSON line per request to this file (off by default).
     #[arg(long = "access-log", value_name = "FILE")]
     pub access_log: Option<PathBuf>,
@@ -61,6 +65,7 @@ impl ProxyFlags {
             proxy_protocol: self.proxy_protocol,
             certs,
             tcp_ip,
+            client_timeout: Duration::from_millis(self.client_timeout_ms.max(1)),
         })
     }
 }

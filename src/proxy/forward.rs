@@ -195,12 +195,11 @@ impl Forwarder {
             },
         };
         let host = normalize_host(&raw_host);
-        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
         let access_info = access::enabled().then(|| {
             Box::new(AccessInfo {
                 method: req.method().to_string(),
-                host: host.clone(),
-                path: path_and_query.clone(),
+                host: host.to_string(),
+                path: req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string(),
                 client: info.client,
                 request_id: String::new(),
             })
@@ -213,7 +212,7 @@ impl Forwarder {
         let route = matched.route.clone();
         let prefix = matched.prefix.trim_end_matches('/').to_string();
         drop(table);
-        ticket.set_app(&route.app, route.metrics.clone());
+        ticket.set_route(route.clone());
         if route.backends.is_empty() {
             let msg = format!("app {} has no running instance\n", route.app);
             return local(StatusCode::SERVICE_UNAVAILABLE, msg, Some(ticket));
@@ -249,19 +248,23 @@ impl Forwarder {
         if let Some(a) = ticket.access_mut() {
             a.request_id = request_id.to_str().unwrap_or("").to_string();
         }
-        let target = if opts.strip_prefix && !prefix.is_empty() {
+        // Origin form for the instance: the client's own when it sent one (HTTP/1.1), the
+        // path of an absolute one (HTTP/2), without the prefix when the app strips it.
+        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri: Result<Uri, _> = if opts.strip_prefix && !prefix.is_empty() {
             let rest = &path_and_query[prefix.len().min(path_and_query.len())..];
             if rest.starts_with('/') {
-                rest.to_string()
+                rest.parse()
             } else {
-                format!("/{rest}")
+                format!("/{rest}").parse()
             }
+        } else if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+            Ok(parts.uri.clone())
         } else {
-            path_and_query
+            path_and_query.parse()
         };
-        let uri: Uri = match target.parse() {
-            Ok(u) => u,
-            Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request target\n".into(), Some(ticket)),
+        let Ok(uri) = uri else {
+            return local(StatusCode::BAD_REQUEST, "invalid request target\n".into(), Some(ticket));
         };
         let exchange = Exchange::new(start);
         ticket.set_exchange(exchange.clone());

@@ -82,7 +82,7 @@ fn escape(v: &str) -> String {
 
 /// The proxy's metrics in the Prometheus text exposition format.
 pub fn render(table: &RouteTable) -> String {
-    let (backends, apps) = table.snapshot();
+    let super::routes::Snapshot { backends, apps } = table.snapshot();
     let mut out = String::new();
     out.push_str("# HELP deliverous_proxy_requests_total Responses sent, by status class.\n");
     out.push_str("# TYPE deliverous_proxy_requests_total counter\n");

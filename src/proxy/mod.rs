@@ -19,8 +19,12 @@ pub mod tls;
 pub use routes::{AppRoute, BackendSpec, Balance, HealthCheck, RouteConfig, RouteOptions, RouteTable, TcpPort};
 pub use server::{start, Cidr, ProxyHandle, ProxyOptions};
 
-/// `Web.Example.com:8080.` → `web.example.com`.
-pub fn normalize_host(raw: &str) -> String {
+/// `Web.Example.com:8080.` → `web.example.com`; borrowed when already in that form (most are).
+pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.';
+    if !raw.ends_with('.') && raw.bytes().all(plain) {
+        return std::borrow::Cow::Borrowed(raw);
+    }
     let host = if raw.starts_with('[') {
         raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
     } else {
@@ -30,7 +34,7 @@ pub fn normalize_host(raw: &str) -> String {
             .unwrap_or(raw)
             .to_string()
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    std::borrow::Cow::Owned(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -42,5 +46,6 @@ mod tests {
         assert_eq!(normalize_host("Web.LocalHost:8080"), "web.localhost");
         assert_eq!(normalize_host("example.com."), "example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert!(matches!(normalize_host("web.localhost"), std::borrow::Cow::Borrowed(_)));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -35,13 +35,16 @@ pub enum ConnectError {
     Handshake(SocketAddr, hyper::Error),
 }
 
+/// Idle connections by instance address, each with the time it became idle.
+type Idle = HashMap<SocketAddr, Vec<(Instant, SendRequest<RequestBody>)>>;
+
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(Instant, SendRequest<RequestBody>)>>>,
+    idle: Mutex<Idle>,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<(Instant, SendRequest<RequestBody>)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -80,25 +83,19 @@ impl Pool {
         Ok(Conn { sender, reused: false })
     }
 
-    /// Puts a connection back once its exchange is complete. If its task has not caught up yet,
-    /// a small task waits for it (a connection that will close is simply dropped).
-    pub fn put_when_ready(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        mut sender: SendRequest<RequestBody>,
-        cx: &mut Context<'_>,
-    ) {
-        match sender.poll_ready(cx) {
-            Poll::Ready(Ok(())) => self.put(addr, sender),
-            Poll::Ready(Err(_)) => {}
-            Poll::Pending => {
-                let pool = self.clone();
-                tokio::spawn(async move {
-                    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
-                        pool.put(addr, sender);
-                    }
-                });
-            }
+    /// Puts a connection back once its exchange is complete. Its task may not have caught up
+    /// yet: it goes back anyway, and the checkout that takes it waits the moment it needs (a
+    /// connection that is closing is dropped). With a context, readiness is polled in place.
+    pub fn give_back(&self, addr: SocketAddr, mut sender: SendRequest<RequestBody>, cx: Option<&mut Context<'_>>) {
+        let state = match cx {
+            Some(cx) => sender.poll_ready(cx).map(|r| r.is_ok()),
+            None if sender.is_ready() => Poll::Ready(true),
+            None if sender.is_closed() => Poll::Ready(false),
+            None => Poll::Pending,
+        };
+        match state {
+            Poll::Ready(true) | Poll::Pending => self.put(addr, sender),
+            Poll::Ready(false) => {}
         }
     }
 

@@ -289,7 +289,7 @@ fn fastrand(n: usize) -> usize {
         x ^= x >> 7;
         x ^= x << 17;
         s.set(x);
-        ((x >> 32) * n as u64 >> 32) as usize
+        (((x >> 32) * n as u64) >> 32) as usize
     })
 }
 
@@ -364,6 +364,14 @@ pub fn split_host_prefix(entry: &str) -> (&str, &str) {
     }
 }
 
+type Watcher = Box<dyn Fn(&Arc<Table>) + Send + Sync>;
+
+/// Every backend known and every app's metrics, sorted, for `/metrics`.
+pub struct Snapshot {
+    pub backends: Vec<Arc<Backend>>,
+    pub apps: Vec<(String, Arc<AppMetrics>)>,
+}
+
 /// The proxy's view of the routes, swapped whole.
 pub struct RouteTable {
     table: ArcSwap<Table>,
@@ -372,7 +380,7 @@ pub struct RouteTable {
     app_metrics: Mutex<HashMap<String, Arc<AppMetrics>>>,
     epoch: Instant,
     /// Called with each new table (health checks, TCP listeners follow it).
-    watchers: Mutex<Vec<Box<dyn Fn(&Arc<Table>) + Send + Sync>>>,
+    watchers: Mutex<Vec<Watcher>>,
 }
 
 impl Default for RouteTable {
@@ -489,13 +497,13 @@ impl RouteTable {
     }
 
     /// Every backend known, live or draining, and every app's metrics, for `/metrics`.
-    pub fn snapshot(&self) -> (Vec<Arc<Backend>>, Vec<(String, Arc<AppMetrics>)>) {
+    pub fn snapshot(&self) -> Snapshot {
         let mut backends: Vec<Arc<Backend>> = lock(&self.backends).values().cloned().collect();
         backends.sort_by(|a, b| (&a.app, &a.instance).cmp(&(&b.app, &b.instance)));
         let mut apps: Vec<(String, Arc<AppMetrics>)> =
             lock(&self.app_metrics).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         apps.sort_by(|a, b| a.0.cmp(&b.0));
-        (backends, apps)
+        Snapshot { backends, apps }
     }
 }
 

@@ -129,3 +129,152 @@ mod tests {
         assert_eq!((s, b.as_str()), (404, "abcde"));
     }
 }
+
+/// A response read by [`Conn`].
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Trailer fields after a chunked body.
+    pub trailers: Vec<(String, String)>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection: several requests in turn, bodies framed by
+/// `Content-Length` or chunked (trailers kept).
+pub struct Conn {
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: &str) -> std::io::Result<Conn> {
+        let sockaddr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad address {addr}")))?;
+        let stream = TcpStream::connect_timeout(&sockaddr, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn { reader: std::io::BufReader::new(stream) })
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    /// Sends a request (with `Content-Length` when `body` is not empty) and reads the answer.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: deliverous-tests\r\n");
+        for (n, v) in headers {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        if !body.is_empty() {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let s = self.reader.get_mut();
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        s.flush()?;
+        self.read_response(method == "HEAD")
+    }
+
+    /// Reads one response (skipping `100 Continue`).
+    pub fn read_response(&mut self, head_only: bool) -> std::io::Result<Response> {
+        use std::io::BufRead;
+        loop {
+            let (status, headers) = self.read_head()?;
+            if status == 100 {
+                continue;
+            }
+            let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            let mut body = Vec::new();
+            let mut trailers = Vec::new();
+            if head_only || status == 204 || status == 304 || status == 101 {
+            } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+                loop {
+                    let mut line = String::new();
+                    self.reader.read_line(&mut line)?;
+                    let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                        .map_err(|_| invalid(format!("bad chunk size line {line:?}")))?;
+                    if size == 0 {
+                        loop {
+                            let mut t = String::new();
+                            self.reader.read_line(&mut t)?;
+                            let t = t.trim_end();
+                            if t.is_empty() {
+                                break;
+                            }
+                            if let Some((n, v)) = t.split_once(':') {
+                                trailers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+                            }
+                        }
+                        break;
+                    }
+                    let start = body.len();
+                    body.resize(start + size, 0);
+                    self.reader.read_exact(&mut body[start..])?;
+                    let mut crlf = [0u8; 2];
+                    self.reader.read_exact(&mut crlf)?;
+                }
+            } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+                body.resize(len, 0);
+                self.reader.read_exact(&mut body)?;
+            } else {
+                self.reader.read_to_end(&mut body)?;
+            }
+            return Ok(Response { status, headers, body, trailers });
+        }
+    }
+
+    /// Reads a status line and headers.
+    pub fn read_head(&mut self) -> std::io::Result<(u16, Vec<(String, String)>)> {
+        use std::io::BufRead;
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| invalid(format!("bad status line {status_line:?}")))?;
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = line.split_once(':') {
+                headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+        Ok((status, headers))
+    }
+
+    /// The rest of the stream's buffered reader, for protocols after an upgrade.
+    pub fn reader(&mut self) -> &mut std::io::BufReader<TcpStream> {
+        &mut self.reader
+    }
+}

@@ -12,7 +12,7 @@ mod image;
 mod registry;
 
 pub use daemon::{CliOutput, Daemon, DaemonNames};
-pub use http::{http_get, http_get_retry, try_http_get};
+pub use http::{http_get, http_get_retry, try_http_get, Conn, Response};
 pub use image::{
     busybox_rootfs, push_busybox_httpd, push_layered, push_testapp, testapp_binary, testapp_image, Layer, PushedImage,
     TestImage,
