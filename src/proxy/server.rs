@@ -486,12 +486,29 @@ mod tests {
     }
 }
 
+/// A one-worker proxy on 127.0.0.1 routing `a.localhost` to `backend`.
+#[cfg(test)]
+fn proxy_to(backend: SocketAddr) -> ProxyHandle {
+    use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
+    let table = Arc::new(RouteTable::default());
+    table.publish(RouteConfig {
+        apps: vec![AppRoute {
+            app: "a".into(),
+            hosts: vec!["a.localhost".into()],
+            backends: vec![BackendSpec { instance: "a.1".into(), addr: backend }],
+            options: Default::default(),
+            tcp: Vec::new(),
+        }],
+    });
+    let options = ProxyOptions { http: vec![SocketAddr::from(([127, 0, 0, 1], 0))], threads: 1, ..Default::default() };
+    start(options, table).expect("start the proxy")
+}
+
 /// The proxy in front of a real backend, driven by a client that writes each request in several
 /// small segments (as many simple clients do: HTTP/1 must not be mistaken for an h2 preface).
 #[cfg(test)]
 mod fragmented_requests {
     use super::*;
-    use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
     use std::io::{Read, Write};
 
     #[test]
@@ -514,19 +531,7 @@ mod fragmented_requests {
                 });
             }
         });
-        let table = Arc::new(RouteTable::default());
-        table.publish(RouteConfig {
-            apps: vec![AppRoute {
-                app: "a".into(),
-                hosts: vec!["a.localhost".into()],
-                backends: vec![BackendSpec { instance: "a.1".into(), addr: backend_addr }],
-                options: Default::default(),
-                tcp: Vec::new(),
-            }],
-        });
-        let options =
-            ProxyOptions { http: vec![SocketAddr::from(([127, 0, 0, 1], 0))], threads: 1, ..Default::default() };
-        let handle = start(options, table).expect("start the proxy");
+        let handle = proxy_to(backend_addr);
         let proxy_addr = handle.http_addrs[0];
         let mut stuck = 0;
         for i in 0..300 {
@@ -551,7 +556,6 @@ mod fragmented_requests {
 #[cfg(test)]
 mod keep_alive {
     use super::*;
-    use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -601,19 +605,7 @@ mod keep_alive {
     fn upstream_connections_are_reused() {
         let accepted = Arc::new(AtomicUsize::new(0));
         let backend_addr = backend(accepted.clone());
-        let table = Arc::new(RouteTable::default());
-        table.publish(RouteConfig {
-            apps: vec![AppRoute {
-                app: "a".into(),
-                hosts: vec!["a.localhost".into()],
-                backends: vec![BackendSpec { instance: "a.1".into(), addr: backend_addr }],
-                options: Default::default(),
-                tcp: Vec::new(),
-            }],
-        });
-        let options =
-            ProxyOptions { http: vec![SocketAddr::from(([127, 0, 0, 1], 0))], threads: 1, ..Default::default() };
-        let handle = start(options, table).expect("start the proxy");
+        let handle = proxy_to(backend_addr);
         let mut client = std::net::TcpStream::connect(handle.http_addrs[0]).expect("connect");
         client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let mut reader = BufReader::new(client.try_clone().expect("clone"));
