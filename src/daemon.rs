@@ -132,11 +132,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     // leaves no bridge or nft table behind.
     let routes = Arc::new(RouteTable::default());
     let proxy_options = args.proxy.options(vec![args.http_listen])?;
-    let certs = proxy_options.certs.clone();
     let proxy = crate::proxy::start(proxy_options, routes.clone()).context(
         "cannot start the proxy (choose other --http-listen / --https-listen addresses if the ports are taken)",
     )?;
-    let _cert_watch = certs.as_ref().map(|c| c.watch(Duration::from_secs(5)));
     let metrics_listener = match args.proxy.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

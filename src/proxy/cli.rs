@@ -108,11 +108,9 @@ pub fn standalone(args: StandaloneArgs) -> ExitCode {
         let table = Arc::new(RouteTable::default());
         table.publish(read_routes(&args.routes)?);
         let options = args.flags.options(args.listen.clone())?;
-        let certs = options.certs.clone();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let handle: ProxyHandle = start(options, table.clone())?;
         tracing::info!("proxy listening on {:?} (https {:?})", handle.http_addrs, handle.https_addrs);
-        let _watch = certs.as_ref().map(|c| c.watch(Duration::from_secs(5)));
         rt.block_on(async {
             if let Some(addr) = args.flags.metrics_listen {
                 let l =

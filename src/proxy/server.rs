@@ -20,6 +20,9 @@ use super::routes::{RouteTable, Table, TcpPort};
 use super::tls::CertStore;
 use super::{access, health, tcp};
 
+/// How often the certificate directory is checked for changed files.
+const CERT_POLL: Duration = Duration::from_secs(5);
+
 /// An address range (`10.0.0.0/8`, `2001:db8::/32`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -173,6 +176,8 @@ pub struct ProxyHandle {
     pub https_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Reloads the HTTPS certificates when their files change, for as long as the proxy runs.
+    _certs: Option<super::tls::CertWatch>,
 }
 
 impl Drop for ProxyHandle {
@@ -254,7 +259,8 @@ pub fn start(options: ProxyOptions, table: Arc<RouteTable>) -> Result<ProxyHandl
         open: std::sync::atomic::AtomicUsize::new(0),
     });
     let (shutdown, rx) = watch::channel(false);
-    let mut handle = ProxyHandle { http_addrs, https_addrs, shutdown, threads: Vec::new() };
+    let _certs = options.certs.as_ref().map(|c| c.watch(CERT_POLL));
+    let mut handle = ProxyHandle { http_addrs, https_addrs, shutdown, threads: Vec::new(), _certs };
     for (i, listeners) in per_worker.into_iter().enumerate() {
         let shared = shared.clone();
         let rx = rx.clone();
