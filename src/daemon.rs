@@ -174,8 +174,15 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         keep_revisions: args.keep_revisions,
         proxy_ports: proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.port()).collect(),
     };
-    let sup = Supervisor::new(settings, store, images, net, routes.clone());
+    let events = Arc::new(crate::events::Events::open(&args.data_dir));
+    let sup = Supervisor::new(settings, store, images, net, routes.clone(), events);
     sup.recover().await.context("cannot recover instances from the previous run")?;
+    sup.events().emit(
+        crate::events::Kind::DaemonStarted,
+        "",
+        None,
+        format!("daemon {} started", env!("CARGO_PKG_VERSION")),
+    );
 
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::proxy::cli::serve_metrics(l, routes.clone()));

@@ -6,6 +6,7 @@ mod api;
 mod apps;
 mod cli;
 mod daemon;
+mod events;
 mod logs;
 mod proxy;
 mod supervisor;

@@ -367,6 +367,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/stop", post(stop_app))
         .route("/v1/apps/{name}/scale", put(scale_app))
         .route("/v1/apps/{name}/logs", get(app_logs))
+        .route("/v1/events", get(events))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/rm", post(remove_image))
@@ -857,6 +858,72 @@ impl JsonLines {
     async fn closed(&self) {
         self.0.closed().await
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventQuery {
+    /// Only this app's events.
+    pub app: Option<String>,
+    /// Only the last N events.
+    pub tail: Option<usize>,
+    /// Only events from then on: `10m`, `2h`, `1d` ago or an RFC 3339 time.
+    pub since: Option<String>,
+    /// Keep the stream open and send new events as they happen.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Events as JSON lines (`{"id","time","kind","app","instance","message"}`), oldest first.
+async fn events(
+    State(sup): State<Arc<Supervisor>>,
+    query: Result<axum::extract::Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let since = match &q.since {
+        Some(s) => Some(
+            crate::logs::parse_since(s, chrono::Utc::now())
+                .map_err(ApiError::bad_request)?
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+        None => None,
+    };
+    let wanted = move |e: &crate::events::Event| {
+        q.app.as_ref().is_none_or(|a| &e.app == a) && since.as_ref().is_none_or(|s| e.time.as_str() >= s.as_str())
+    };
+    let (past, mut rx) = sup.events().follow();
+    let mut past: Vec<_> = past.into_iter().filter(|e| wanted(e)).collect();
+    if let Some(n) = q.tail {
+        past.drain(..past.len().saturating_sub(n));
+    }
+    let (tx, response) = json_lines()?;
+    for e in &past {
+        tx.send(e);
+    }
+    if q.follow {
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = tx.closed() => return,
+                    e = rx.recv() => e,
+                };
+                match event {
+                    Ok(e) if wanted(&e) => {
+                        if !tx.send(&e) {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // A follower too slow for 1024 events misses some; say so rather than stop.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("an events follower missed {n} events");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+    Ok(response)
 }
 
 /// A response streaming what is sent through the returned [`JsonLines`]; it ends when every

@@ -18,6 +18,7 @@ use tokio::sync::{watch, OwnedMutexGuard};
 
 use crate::apps::store::{InstanceRow, Store, StoreError};
 use crate::apps::{App, AppSpec, Revision};
+use crate::events::{Events, Kind};
 use crate::proxy::{AppRoute, BackendSpec, RouteConfig, RouteTable};
 
 /// Where everything the daemon creates lives, and the names of its kernel objects.
@@ -143,6 +144,7 @@ pub struct Supervisor {
     images: Arc<ImageStore>,
     net: Arc<HostNetwork>,
     routes: Arc<RouteTable>,
+    events: Arc<Events>,
     live: Mutex<HashMap<String, Live>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     restarts: Mutex<HashMap<String, Restarts>>,
@@ -161,6 +163,7 @@ impl Supervisor {
         images: Arc<ImageStore>,
         net: Arc<HostNetwork>,
         routes: Arc<RouteTable>,
+        events: Arc<Events>,
     ) -> Arc<Self> {
         Arc::new(Supervisor {
             settings,
@@ -168,6 +171,7 @@ impl Supervisor {
             images,
             net,
             routes,
+            events,
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
@@ -220,6 +224,10 @@ impl Supervisor {
 
     pub fn routes(&self) -> &RouteTable {
         &self.routes
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     pub fn store(&self) -> &Store {
@@ -439,6 +447,12 @@ impl Supervisor {
         }
         let reason = exit_reason.unwrap_or_else(|| "shim lost".to_string());
         tracing::warn!(app = %row.app, slot = row.slot, "instance {}.{} exited unexpectedly: {reason}", row.app, row.slot);
+        self.events.emit(
+            Kind::InstanceExited,
+            &row.app,
+            Some(&format!("{}.{}", row.app, row.slot)),
+            format!("exited unexpectedly: {reason}"),
+        );
         {
             let mut r = lock(&self.restarts);
             let entry = r.entry(row.app.clone()).or_default();
@@ -458,6 +472,8 @@ impl Supervisor {
             e.1 = Instant::now();
             d
         };
+        let instance = format!("{}.{}", row.app, row.slot);
+        self.events.emit(Kind::InstanceRestarting, &row.app, Some(&instance), format!("replaced in {delay:?}"));
         let me = self.clone();
         let app = row.app.clone();
         tokio::spawn(async move {
