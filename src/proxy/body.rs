@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 
 use super::access;
-use super::pool::Pool;
+use super::pool::{Pool, Upstream};
 use super::routes::InFlight;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -62,6 +61,8 @@ pub struct ReadTimeout(pub Duration);
 /// The client's request body, counted and limited.
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// A small body read in full beforehand (so the request can be sent again).
+    full: Option<Bytes>,
     limit: Option<u64>,
     seen: u64,
     exchange: Arc<Exchange>,
@@ -69,7 +70,12 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Option<Incoming>, limit: Option<u64>, exchange: Arc<Exchange>) -> RequestBody {
-        RequestBody { inner, limit, seen: 0, exchange }
+        RequestBody { inner, full: None, limit, seen: 0, exchange }
+    }
+
+    /// A body already read in full.
+    pub fn full(bytes: Bytes, exchange: Arc<Exchange>) -> RequestBody {
+        RequestBody { inner: None, full: (!bytes.is_empty()).then_some(bytes), limit: None, seen: 0, exchange }
     }
 }
 
@@ -79,6 +85,10 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(bytes) = this.full.take() {
+            this.exchange.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -105,10 +115,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.full.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(bytes) = &self.full {
+            return SizeHint::with_exact(bytes.len() as u64);
+        }
         self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
     }
 }
@@ -224,7 +237,7 @@ pub struct UpstreamBody {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     deadline: Option<tokio::time::Instant>,
     /// The connection, to return to the pool once the body is complete.
-    conn: Option<(Arc<Pool>, SocketAddr, SendRequest<RequestBody>)>,
+    conn: Option<(Arc<Pool>, SocketAddr, Upstream)>,
     ticket: Ticket,
 }
 
@@ -246,7 +259,7 @@ impl ResponseBody {
         inner: Incoming,
         read_timeout: Duration,
         deadline: Option<tokio::time::Instant>,
-        conn: Option<(Arc<Pool>, SocketAddr, SendRequest<RequestBody>)>,
+        conn: Option<(Arc<Pool>, SocketAddr, Upstream)>,
         ticket: Ticket,
     ) -> ResponseBody {
         let mut body = UpstreamBody { inner, read_timeout, timer: None, deadline, conn, ticket };
@@ -301,8 +314,8 @@ impl UpstreamBody {
     /// polling a body as soon as it reports its end (`is_end_stream`), so this runs on the last
     /// frame, not on a final `None` that may never be asked for.
     fn complete(&mut self, cx: Option<&mut Context<'_>>) {
-        if let Some((pool, addr, sender)) = self.conn.take() {
-            pool.give_back(addr, sender, cx);
+        if let Some((pool, addr, up)) = self.conn.take() {
+            pool.give_back(addr, up, cx);
         }
     }
 

@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::body::{AccessInfo, Exchange, RequestBody, ResponseBody, Ticket};
-use super::pool::Pool;
+use super::pool::{Pool, Upstream};
 use super::routes::RouteTable;
 use super::{access, normalize_host};
 
@@ -84,6 +84,23 @@ fn client_wants_trailers(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+}
+
+/// Request bodies up to this size are read in full before they are sent to an instance.
+const BUFFERED_BODY: u64 = 64 << 10;
+
+/// Whether a failed exchange ended with a reset (or a write into a reset connection) from the
+/// instance. A socket closed with unread data sends a reset, so the app had not read all of the
+/// request; a clean close (EOF) instead may come after the app acted on it.
+fn reset_unread(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Methods a client may send twice without changing the outcome (RFC 9110 §9.2.2).
@@ -176,11 +193,13 @@ fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &str) -> Heade
 
 /// How one attempt to send the request ended.
 enum Attempt {
-    Answered(Response<Incoming>, hyper::client::conn::http1::SendRequest<RequestBody>),
+    Answered(Response<Incoming>, Upstream),
     /// Nothing reached the instance: the request comes back untouched.
     NotSent(Option<Request<RequestBody>>),
-    /// The request was (maybe partly) sent, then the exchange failed.
-    Failed(String),
+    /// The request was (maybe partly) sent, then the exchange failed; `true` when the instance
+    /// reset the connection before answering anything (its kernel had unread data: the app
+    /// never read the whole request).
+    Failed(String, bool),
     TimedOut,
 }
 
@@ -269,19 +288,49 @@ impl Forwarder {
         let exchange = Exchange::new(start);
         ticket.set_exchange(exchange.clone());
         let bodiless = body.is_end_stream() || declared_len == Some(0);
-        // A request without a body can be rebuilt and sent again after a failure; one with a
-        // body only while nothing of it was sent.
-        let replayable = bodiless && idempotent(&parts.method) && upgrade.is_none();
-        let template = replayable.then(|| (parts.method.clone(), uri.clone(), parts.headers.clone()));
-        let build = |method: Method, uri: Uri, headers: HeaderMap, body: Option<Incoming>| {
-            let mut r = Request::new(RequestBody::new(body, opts.max_body, exchange.clone()));
-            *r.method_mut() = method;
-            *r.uri_mut() = uri;
-            *r.version_mut() = Version::HTTP_11;
-            *r.headers_mut() = headers;
-            r
-        };
-        let mut pending = Some(build(parts.method, uri, parts.headers, (!bodiless).then_some(body)));
+        // A small body is read in full first (as nginx buffers request bodies), so that the
+        // request can be sent again if its instance dies before reading it.
+        let mut body = Some(body);
+        let mut buffered: Option<bytes::Bytes> = None;
+        let small = !bodiless && upgrade.is_none() && declared_len.is_some_and(|n| n <= BUFFERED_BODY);
+        if let Some(incoming) = body.take_if(|_| small) {
+            let read = tokio::time::timeout(opts.read_timeout(), http_body_util::BodyExt::collect(incoming)).await;
+            match read {
+                Ok(Ok(collected)) => buffered = Some(collected.to_bytes()),
+                Ok(Err(e)) => {
+                    return local(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}\n"), Some(ticket))
+                }
+                Err(_) => {
+                    return local(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive in time\n".into(),
+                        Some(ticket),
+                    )
+                }
+            }
+        }
+        // A request can be rebuilt and sent again after a failure when it has no body or a
+        // buffered one; otherwise only while nothing of it was sent.
+        let replayable = (bodiless || buffered.is_some()) && upgrade.is_none();
+        let template = replayable.then(|| (parts.method.clone(), uri.clone(), parts.headers.clone(), buffered.clone()));
+        let build =
+            |method: Method, uri: Uri, headers: HeaderMap, body: Option<Incoming>, full: Option<bytes::Bytes>| {
+                let body = match full {
+                    Some(bytes) => RequestBody::full(bytes, exchange.clone()),
+                    None => RequestBody::new(body, opts.max_body, exchange.clone()),
+                };
+                let mut r = Request::new(body);
+                *r.method_mut() = method;
+                *r.uri_mut() = uri;
+                *r.version_mut() = Version::HTTP_11;
+                *r.headers_mut() = headers;
+                r
+            };
+        // A client that sends an Idempotency-Key (draft-ietf-httpapi-idempotency-key-header)
+        // says the request may be sent twice.
+        let retry_safe = idempotent(&parts.method) || parts.headers.contains_key("idempotency-key");
+        let streamed = if bodiless { None } else { body };
+        let mut pending = Some(build(parts.method.clone(), uri, parts.headers, streamed, buffered));
         let deadline = opts.total_timeout().map(|t| tokio::time::Instant::now() + t);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("no instance could be tried");
@@ -289,10 +338,9 @@ impl Forwarder {
         let mut replayed = false;
         let attempts = 1 + opts.retries as usize;
         while tried.len() < attempts {
-            let Some(req) = pending
-                .take()
-                .or_else(|| template.as_ref().map(|(m, u, h)| build(m.clone(), u.clone(), h.clone(), None)))
-            else {
+            let Some(req) = pending.take().or_else(|| {
+                template.as_ref().map(|(m, u, h, b)| build(m.clone(), u.clone(), h.clone(), None, b.clone()))
+            }) else {
                 break;
             };
             let Some(idx) = route.pick(&tried) else { break };
@@ -323,7 +371,7 @@ impl Forwarder {
                     last_error = format!("{} ({}): could not connect", backend.instance, backend.addr);
                     pending = back;
                 }
-                Attempt::Failed(e) => {
+                Attempt::Failed(e, unread) => {
                     backend.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     last_error = format!("{} ({}): {e}", backend.instance, backend.addr);
                     if exchange.too_large.load(Ordering::Relaxed) {
@@ -334,7 +382,9 @@ impl Forwarder {
                     backend.eject();
                     // Replayed once at most: a request that itself kills instances (a memory
                     // bomb) must not take down every one.
-                    if template.is_none() || replayed {
+                    // Any other request only when the instance never read all of it (it reset the
+                    // connection, or closed it before receiving everything): it did nothing.
+                    if template.is_none() || replayed || !(retry_safe || unread) {
                         break;
                     }
                     replayed = true;
@@ -375,7 +425,7 @@ impl Forwarder {
                     return Attempt::NotSent(Some(req));
                 }
             };
-            let mut sender = conn.sender;
+            let Upstream { mut sender, watch } = conn.up;
             let send = sender.try_send_request(req);
             tokio::pin!(send);
             let read_timeout = opts.read_timeout();
@@ -395,14 +445,17 @@ impl Forwarder {
             };
             match result {
                 None => return Attempt::TimedOut,
-                Some(Ok(resp)) => return Attempt::Answered(resp, sender),
+                Some(Ok(resp)) => return Attempt::Answered(resp, Upstream { sender, watch }),
                 Some(Err(mut e)) => match e.take_message() {
                     Some(back) if conn.reused => {
                         tracing::debug!("pooled connection to {addr} was closed: {}", e.error());
                         req = back;
                     }
                     Some(back) => return Attempt::NotSent(Some(back)),
-                    None => return Attempt::Failed(e.error().to_string()),
+                    None => {
+                        let unread = reset_unread(e.error()) || watch.closed_before_receiving();
+                        return Attempt::Failed(e.error().to_string(), unread);
+                    }
                 },
             }
         }
@@ -413,7 +466,7 @@ impl Forwarder {
     fn respond(
         &self,
         resp: Response<Incoming>,
-        sender: hyper::client::conn::http1::SendRequest<RequestBody>,
+        sender: Upstream,
         addr: SocketAddr,
         mut ticket: Ticket,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
