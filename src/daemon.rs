@@ -1,6 +1,7 @@
 //! `deliverous daemon`: opens the state, prepares the host network, re-attaches to running
 //! instances, and serves the API (unix socket) and the proxy (TCP) until SIGTERM/SIGINT.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -14,7 +15,6 @@ use deliverous_runtime::network::{HostNetwork, NetworkConfig};
 
 use crate::apps::store::Store;
 use crate::proxy::cli::ProxyFlags;
-use crate::proxy::RouteTable;
 use crate::supervisor::{Settings, Supervisor};
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +72,11 @@ pub struct DaemonArgs {
     /// Seconds an instance gets to exit after its stop signal, before SIGKILL.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
+    /// Take over from the daemon running on this --run-dir without refusing a connection: it
+    /// hands over its API socket and exits, this one re-attaches to the instances and replaces
+    /// the proxy process on the same listening sockets. For upgrades without systemd.
+    #[arg(long)]
+    upgrade: bool,
     #[command(flatten)]
     proxy: ProxyFlags,
 }
@@ -106,7 +111,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("cannot set permissions on {}", dir.display()))?;
     }
-    let _lock = lock_data_dir(&args.data_dir)?;
+    // On --upgrade, the running daemon hands over its API socket, then exits and unlocks.
+    let inherited_api = match args.upgrade {
+        true => Some(crate::handover::request(&args.run_dir).await?),
+        false => None,
+    };
+    let _lock = lock_data_dir(&args.data_dir, inherited_api.is_some()).await?;
     let api_socket = args.api_socket.clone().unwrap_or_else(|| args.run_dir.join("api.sock"));
 
     let store = Store::open(&args.data_dir.join("state.db")).context("cannot open the state database")?;
@@ -128,31 +138,47 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         nft_table: args.nft_table.clone(),
         veth_prefix: args.veth_prefix.clone(),
     };
-    // Bind every listener before touching the host: a port in use is reported at once and
-    // leaves no bridge or nft table behind.
-    let routes = Arc::new(RouteTable::default());
-    let proxy_options = args.proxy.options(vec![args.http_listen])?;
-    let proxy = crate::proxy::start(proxy_options, routes.clone()).context(
-        "cannot start the proxy (choose other --http-listen / --https-listen addresses if the ports are taken)",
-    )?;
-    let metrics_listener = match args.proxy.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
-        ),
-        None => None,
-    };
+    // The proxy first: a port in use is reported at once and leaves no bridge or nft table
+    // behind. A proxy still serving from before (daemon restart or crash) is re-attached.
+    if args.proxy.https_listen.is_some() && args.proxy.certs_dir.is_none() {
+        bail!("--https-listen needs a certificate directory (--certs-dir)");
+    }
+    let proxy = crate::proxy::link::ProxyLink::start(crate::proxy::link::LinkConfig {
+        run_dir: args.run_dir.clone(),
+        http: vec![args.http_listen],
+        https: args.proxy.https_listen.into_iter().collect(),
+        threads: args.proxy.threads,
+        args: args.proxy.to_args(),
+        replace: args.upgrade,
+        activated: Vec::new(),
+    })
+    .await
+    .context("cannot start the proxy (choose other --http-listen / --https-listen addresses if the ports are taken)")?;
     if let Some(parent) = api_socket.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    if tokio::net::UnixStream::connect(&api_socket).await.is_ok() {
-        bail!("another daemon already serves {}", api_socket.display());
+    let api_listener = match inherited_api {
+        Some(l) => tokio::net::UnixListener::from_std(l).context("the handed-over API socket")?,
+        None => {
+            if tokio::net::UnixStream::connect(&api_socket).await.is_ok() {
+                bail!(
+                    "another daemon already serves {} (to replace it, start this one with --upgrade)",
+                    api_socket.display()
+                );
+            }
+            let _ = std::fs::remove_file(&api_socket);
+            let l = tokio::net::UnixListener::bind(&api_socket)
+                .with_context(|| format!("cannot listen on {}", api_socket.display()))?;
+            std::fs::set_permissions(&api_socket, std::fs::Permissions::from_mode(0o660))?;
+            l
+        }
+    };
+    let handed_over = Arc::new(tokio::sync::Notify::new());
+    {
+        use std::os::fd::AsFd;
+        let copy = api_listener.as_fd().try_clone_to_owned().context("cannot duplicate the API socket")?;
+        crate::handover::serve(&args.run_dir, copy, handed_over.clone())?;
     }
-    let _ = std::fs::remove_file(&api_socket);
-    let api_listener = tokio::net::UnixListener::bind(&api_socket)
-        .with_context(|| format!("cannot listen on {}", api_socket.display()))?;
-    std::fs::set_permissions(&api_socket, std::fs::Permissions::from_mode(0o660))?;
 
     let net = Arc::new(HostNetwork::new(net_config).context("invalid network settings")?);
     {
@@ -175,8 +201,10 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         proxy_ports: proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.port()).collect(),
     };
     let events = Arc::new(crate::events::Events::open(&args.data_dir));
-    let sup = Supervisor::new(settings, store, images, net, routes.clone(), events);
+    let sup = Supervisor::new(settings, store, images, net, proxy.clone(), events);
     sup.recover().await.context("cannot recover instances from the previous run")?;
+    sup.publish_routes();
+    proxy.finish_start().await.context("cannot replace the running proxy")?;
     sup.events().emit(
         crate::events::Kind::DaemonStarted,
         "",
@@ -184,22 +212,46 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         format!("daemon {} started", env!("CARGO_PKG_VERSION")),
     );
 
-    if let Some(l) = metrics_listener {
-        tokio::spawn(crate::proxy::cli::serve_metrics(l, routes.clone()));
-    }
     tracing::info!(
-        "proxy listening on {:?} (https: {:?}), API on {}",
+        "proxy (pid {}) listening on {:?} (https: {:?}), API on {}",
+        proxy.pid(),
         proxy.http_addrs,
         proxy.https_addrs,
         api_socket.display()
     );
 
     let app = crate::api::router(sup.clone());
-    axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await.context("API server failed")?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(
+        axum::serve(api_listener, app)
+            .with_graceful_shutdown(async move { crate::proxy::set(&mut stop_rx).await })
+            .into_future(),
+    );
+    let handing_over = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = handed_over.notified() => true,
+        r = &mut server => {
+            r?.context("API server failed")?;
+            false
+        }
+    };
+    let _ = stop_tx.send(true);
+    // Requests in progress may finish; streams (`logs -f`, `events -f`) are cut after a while.
+    if tokio::time::timeout(Duration::from_secs(10), &mut server).await.is_err() {
+        server.abort();
+    }
 
-    drop(proxy);
+    if handing_over {
+        tracing::info!("handed over to the new daemon; instances and the proxy keep running");
+        return Ok(());
+    }
     sup.shutdown();
+    if sup.live_count() == 0 {
+        tracing::info!("no instance runs: stopping the proxy too");
+        proxy.stop().await;
+    }
     let _ = std::fs::remove_file(&api_socket);
+    let _ = std::fs::remove_file(crate::handover::socket_path(&args.run_dir));
     tracing::info!("daemon stopped");
     Ok(())
 }
@@ -217,8 +269,9 @@ async fn shutdown_signal() {
     tracing::info!("shutting down; instances keep running");
 }
 
-/// One daemon per data dir: a second one would fight the first over every instance.
-fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+/// One daemon per data dir: a second one would fight the first over every instance. With
+/// `wait`, waits for the daemon that is handing over to exit.
+async fn lock_data_dir(dir: &std::path::Path, wait: bool) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let path = dir.join("daemon.lock");
     let file = std::fs::OpenOptions::new()
@@ -227,12 +280,24 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        bail!("another deliverous daemon is using {}", dir.display());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        if !wait {
+            bail!(
+                "another deliverous daemon is using {} (to replace it, start this one with --upgrade)",
+                dir.display()
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the previous daemon did not exit within 60 s of handing over");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(file)
 }
 
 /// `10M`, `512K`, `1G` or plain bytes, at least 4 KiB.

@@ -7,6 +7,7 @@ mod apps;
 mod cli;
 mod daemon;
 mod events;
+mod handover;
 mod logs;
 mod proxy;
 mod supervisor;

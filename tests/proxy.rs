@@ -43,10 +43,10 @@ fn get(daemon: &Daemon, host: &str, path: &str, headers: &[(&str, &str)]) -> com
     c.request("GET", path, host, headers, b"").expect("request through the proxy")
 }
 
-/// The daemon's resident and peak memory, in KiB.
-fn daemon_memory(daemon: &Daemon) -> (u64, u64) {
-    let pid = daemon.pid().expect("daemon pid");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+/// The proxy process's resident and peak memory, in KiB.
+fn proxy_memory(daemon: &Daemon) -> (u64, u64) {
+    let pid = daemon.proxy_pid().expect("proxy pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proxy status");
     let field = |name: &str| {
         status
             .lines()
@@ -251,10 +251,10 @@ fn server_sent_events_flow_as_they_are_produced() {
 }
 
 #[test]
-fn a_1gb_upload_streams_through_without_growing_the_daemon() {
+fn a_1gb_upload_streams_through_without_growing_the_proxy() {
     let (_registry, image, daemon) = setup(&[]);
     launch(&daemon, &image, "up", 1, &[]);
-    let (rss_before, _) = daemon_memory(&daemon);
+    let (rss_before, _) = proxy_memory(&daemon);
     let mut c = Conn::open(daemon.proxy_addr()).expect("connect");
     c.stream().set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
     let size: u64 = 1 << 30;
@@ -269,22 +269,22 @@ fn a_1gb_upload_streams_through_without_growing_the_daemon() {
     for i in 0..(size >> 20) {
         c.stream().write_all(&chunk).expect("upload");
         if i % 128 == 0 {
-            peak_during = peak_during.max(daemon_memory(&daemon).0);
+            peak_during = peak_during.max(proxy_memory(&daemon).0);
         }
     }
     let r = c.read_response(false).expect("answer");
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().starts_with(&format!("bytes={size} ")), "{}", r.text());
-    let (rss_after, _) = daemon_memory(&daemon);
+    let (rss_after, _) = proxy_memory(&daemon);
     let grown = peak_during.max(rss_after).saturating_sub(rss_before);
-    assert!(grown < 64 * 1024, "daemon RSS grew by {grown} KiB during a 1 GiB upload ({rss_before} KiB before)");
+    assert!(grown < 64 * 1024, "proxy RSS grew by {grown} KiB during a 1 GiB upload ({rss_before} KiB before)");
 }
 
 #[test]
 fn large_downloads_are_streamed() {
     let (_registry, image, daemon) = setup(&[]);
     launch(&daemon, &image, "down", 1, &[]);
-    let (rss_before, _) = daemon_memory(&daemon);
+    let (rss_before, _) = proxy_memory(&daemon);
     let mut c = Conn::open(daemon.proxy_addr()).expect("connect");
     c.stream().write_all(b"GET /big?mb=512 HTTP/1.1\r\nHost: down.localhost\r\n\r\n").expect("write");
     let (status, headers) = c.read_head().expect("head");
@@ -300,7 +300,7 @@ fn large_downloads_are_streamed() {
         assert!(n > 0, "connection closed with {left} bytes left");
         left -= n as u64;
         if left % (64 << 20) < n as u64 {
-            peak = peak.max(daemon_memory(&daemon).0);
+            peak = peak.max(proxy_memory(&daemon).0);
         }
     }
     let grown = peak.saturating_sub(rss_before);

@@ -109,7 +109,7 @@ fn declare_configure_launch_scale_remove() {
         .lines()
         .filter(|l| !l.contains(&daemon.names().bridge) && !l.contains(&daemon.names().nft_table))
         .filter(|l| !(l.starts_with("cgroup:") && l.ends_with(&parent)))
-        .filter(|l| !(l.starts_with("process:") && l.contains(" daemon ")))
+        .filter(|l| !(l.starts_with("process:") && (l.contains(" daemon ") || l.contains(" proxy --control "))))
         .collect();
     assert!(instance_leaks.is_empty(), "left behind by removed instances:\n{leaks}");
 

@@ -381,7 +381,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
 
 /// The proxy's counters and histograms, in the Prometheus text format.
 async fn metrics(State(sup): State<Arc<Supervisor>>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::proxy::metrics::render(sup.routes()))
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], sup.routes().metrics().await)
 }
 
 async fn create_app(

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{metrics, start, tls::CertStore, Cidr, ProxyHandle, ProxyOptions, RouteConfig, RouteTable};
+use super::control::{ControlState, Hello, ListenerDesc};
+use super::{metrics, tls::CertStore, Cidr, Listener, ProxyHandle, ProxyOptions, RouteConfig, RouteTable};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyFlags {
@@ -70,6 +71,30 @@ impl ProxyFlags {
     }
 }
 
+impl ProxyFlags {
+    /// The flags for a `deliverous proxy` process, except its listening addresses.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = vec!["--proxy-threads".to_string(), self.threads.to_string()];
+        if let Some(dir) = &self.certs_dir {
+            out.extend(["--certs-dir".to_string(), dir.display().to_string()]);
+        }
+        for c in &self.trusted_proxies {
+            out.extend(["--trusted-proxy".to_string(), c.to_string()]);
+        }
+        if self.proxy_protocol {
+            out.push("--proxy-protocol".into());
+        }
+        out.extend(["--client-timeout".to_string(), format!("{}ms", self.client_timeout_ms)]);
+        if let Some(path) = &self.access_log {
+            out.extend(["--access-log".to_string(), path.display().to_string()]);
+        }
+        if let Some(addr) = self.metrics_listen {
+            out.extend(["--metrics-listen".to_string(), addr.to_string()]);
+        }
+        out
+    }
+}
+
 /// Serves `GET /metrics` on its own TCP listener.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, table: Arc<RouteTable>) {
     let app = axum::Router::new().route(
@@ -86,12 +111,26 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, table: Arc<RouteTa
 
 #[derive(Debug, clap::Args)]
 pub struct StandaloneArgs {
-    /// Address the HTTP proxy listens on (repeatable).
-    #[arg(long = "listen", value_name = "ADDR", required = true)]
+    /// Address the HTTP proxy listens on (repeatable; not needed when the daemon passes the
+    /// listening sockets).
+    #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<SocketAddr>,
     /// Route table (JSON, as the daemon publishes it); re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
-    routes: PathBuf,
+    routes: Option<PathBuf>,
+    /// Serve the control socket the daemon drives this proxy through (route tables, draining,
+    /// metrics, hand-over of the listening sockets).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The daemon's summary of the settings it started this proxy with.
+    #[arg(long, hide = true, default_value = "")]
+    fingerprint: String,
+    /// Write the proxy's PID here once it serves.
+    #[arg(long = "pid-file", value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// Once retired (a newer proxy took over), how long open connections may take to finish.
+    #[arg(long = "retire-grace", value_name = "DURATION", default_value = "30s", value_parser = crate::apps::parse_duration_ms)]
+    retire_grace_ms: u64,
     #[command(flatten)]
     flags: ProxyFlags,
 }
@@ -101,46 +140,166 @@ fn read_routes(path: &std::path::Path) -> anyhow::Result<RouteConfig> {
     serde_json::from_str(&text).with_context(|| format!("invalid route table in {}", path.display()))
 }
 
-/// `deliverous proxy`: the proxy alone, with routes from a file.
+/// Environment variable listing the listening sockets a proxy inherits (JSON list of
+/// [`ListenerDesc`]), as descriptors 3, 4, … in that order.
+pub const INHERITED_LISTENERS: &str = "DELIVEROUS_PROXY_LISTENERS";
+/// First inherited descriptor.
+pub const FIRST_INHERITED_FD: i32 = 3;
+
+/// The listening sockets passed by the process that started us, if any.
+fn inherited_listeners() -> anyhow::Result<Option<Vec<Listener>>> {
+    use std::os::fd::FromRawFd;
+    let Some(text) = std::env::var_os(INHERITED_LISTENERS) else { return Ok(None) };
+    // SAFETY: called at start-up, before any other thread exists.
+    unsafe { std::env::remove_var(INHERITED_LISTENERS) };
+    let descs: Vec<ListenerDesc> = serde_json::from_str(&text.to_string_lossy())
+        .with_context(|| format!("invalid {INHERITED_LISTENERS} from the daemon"))?;
+    let mut out = Vec::with_capacity(descs.len());
+    for (i, d) in descs.into_iter().enumerate() {
+        let fd = FIRST_INHERITED_FD + i as i32;
+        // SAFETY: fcntl on a descriptor number; it fails cleanly if nothing is open there.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            anyhow::bail!("listening socket {} for {} was not passed (descriptor {fd})", i + 1, d.addr);
+        }
+        // SAFETY: the daemon passed this descriptor to us and nothing else in this process owns it.
+        let socket = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        // SAFETY: as above; marks it close-on-exec now that it is ours.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        socket.set_nonblocking(true).with_context(|| format!("listening socket for {}", d.addr))?;
+        out.push(Listener { addr: d.addr, https: d.https, socket });
+    }
+    Ok(Some(out))
+}
+
+/// Tells the daemon (our stdout is its pipe) that we serve, or why we cannot; then points
+/// stdout at stderr so that nothing else ends up in the pipe.
+fn report_start(result: &Result<u32, String>) {
+    use std::io::Write;
+    let line = match result {
+        Ok(pid) => serde_json::json!({ "ready": true, "pid": pid }),
+        Err(e) => serde_json::json!({ "error": e }),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    // SAFETY: dup2 of our own standard descriptors.
+    unsafe { libc::dup2(2, 1) };
+}
+
+/// `deliverous proxy`: the proxy alone (routes from a file) or driven by the daemon through its
+/// control socket.
 pub fn standalone(args: StandaloneArgs) -> ExitCode {
     crate::init_logging();
-    let run = || -> anyhow::Result<()> {
-        let table = Arc::new(RouteTable::default());
-        table.publish(read_routes(&args.routes)?);
-        let options = args.flags.options(args.listen.clone())?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let handle: ProxyHandle = start(options, table.clone())?;
-        tracing::info!("proxy listening on {:?} (https {:?})", handle.http_addrs, handle.https_addrs);
-        rt.block_on(async {
-            if let Some(addr) = args.flags.metrics_listen {
-                let l =
-                    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-                tokio::spawn(serve_metrics(l, table.clone()));
-            }
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut hup = signal(SignalKind::hangup())?;
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            loop {
-                tokio::select! {
-                    _ = hup.recv() => match read_routes(&args.routes) {
-                        Ok(config) => { table.publish(config); tracing::info!("routes reloaded"); }
-                        Err(e) => tracing::error!("routes not reloaded: {e:#}"),
-                    },
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
-                }
-            }
-            anyhow::Ok(())
-        })?;
-        drop(handle);
-        Ok(())
-    };
-    match run() {
+    let managed = args.control.is_some();
+    match run_proxy(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if managed {
+                report_start(&Err(format!("{e:#}")));
+            }
             eprintln!("deliverous proxy: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_proxy(args: StandaloneArgs) -> anyhow::Result<()> {
+    let table = Arc::new(RouteTable::default());
+    if let Some(path) = &args.routes {
+        table.publish(read_routes(path)?);
+    }
+    let options = args.flags.options(args.listen.clone())?;
+    let listeners = match inherited_listeners()? {
+        Some(l) => l,
+        None if args.listen.is_empty() && args.flags.https_listen.is_none() => {
+            anyhow::bail!("nothing to listen on: give --listen ADDR")
+        }
+        None => super::bind_listeners(&options)?,
+    };
+    let mut copies = Vec::with_capacity(listeners.len());
+    for l in &listeners {
+        let fd = l.socket.try_clone().with_context(|| format!("cannot duplicate the socket of {}", l.addr))?;
+        copies.push((ListenerDesc { addr: l.addr, https: l.https }, std::os::fd::OwnedFd::from(fd)));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle: ProxyHandle = super::start_on(options, table.clone(), listeners)?;
+    tracing::info!("proxy listening on {:?} (https {:?})", handle.http_addrs, handle.https_addrs);
+    let (retire, mut retired) = tokio::sync::watch::channel(false);
+    rt.block_on(async {
+        if let Some(addr) = args.flags.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            tokio::spawn(serve_metrics(l, table.clone()));
+        }
+        if let Some(path) = &args.control {
+            let state = Arc::new(ControlState {
+                table: table.clone(),
+                hello: Hello {
+                    pid: std::process::id(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    exe: super::control::exe_identity(),
+                    fingerprint: args.fingerprint.clone(),
+                    http: handle.http_addrs.clone(),
+                    https: handle.https_addrs.clone(),
+                },
+                listeners: copies,
+                retire,
+            });
+            // Bound beside the final path, then renamed over it: the daemon always finds a
+            // proxy there, the old one until the new one serves.
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(format!(".{}", std::process::id()));
+            let tmp = PathBuf::from(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            let listener =
+                tokio::net::UnixListener::bind(&tmp).with_context(|| format!("cannot listen on {}", tmp.display()))?;
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+            tokio::spawn(super::control::serve(listener, state));
+        }
+        if let Some(pid_file) = &args.pid_file {
+            std::fs::write(pid_file, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write {}", pid_file.display()))?;
+        }
+        if args.control.is_some() {
+            report_start(&Ok(std::process::id()));
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match &args.routes {
+                    Some(path) => match read_routes(path) {
+                        Ok(config) => { table.publish(config); tracing::info!("routes reloaded"); }
+                        Err(e) => tracing::error!("routes not reloaded: {e:#}"),
+                    },
+                    None => tracing::info!("SIGHUP ignored: no --routes file"),
+                },
+                _ = term.recv() => return anyhow::Ok(()),
+                _ = int.recv() => return anyhow::Ok(()),
+                _ = super::set(&mut retired) => break,
+            }
+        }
+        // Retired: the newer proxy accepts on the same sockets; finish what is open.
+        handle.retire();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(args.retire_grace_ms);
+        while handle.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = term.recv() => break,
+            }
+        }
+        tracing::info!(open = handle.open_connections(), "retired proxy exits");
+        anyhow::Ok(())
+    })?;
+    if let Some(pid_file) = &args.pid_file {
+        // Only ours: a newer proxy may have written its own PID there.
+        if std::fs::read_to_string(pid_file).is_ok_and(|t| t.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(pid_file);
+        }
+    }
+    drop(handle);
+    Ok(())
 }

@@ -6,8 +6,10 @@
 pub mod access;
 mod body;
 pub mod cli;
+pub mod control;
 mod forward;
 mod health;
+pub mod link;
 pub mod metrics;
 mod pool;
 pub mod proxy_protocol;
@@ -17,7 +19,14 @@ mod tcp;
 pub mod tls;
 
 pub use routes::{AppRoute, BackendSpec, Balance, HealthCheck, RouteConfig, RouteOptions, RouteTable, TcpPort};
-pub use server::{start, Cidr, ProxyHandle, ProxyOptions};
+pub use server::{bind_listeners, start_on, Cidr, Listener, ProxyHandle, ProxyOptions};
+
+/// Resolves once the flag is (or has been) set; never if its sender is gone without setting it.
+pub async fn set(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    if flag.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
 
 /// `Web.Example.com:8080.` → `web.example.com`; borrowed when already in that form (most are).
 pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {

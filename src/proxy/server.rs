@@ -50,6 +50,12 @@ impl std::str::FromStr for Cidr {
     }
 }
 
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
+    }
+}
+
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.net, canonical_ip(ip)) {
@@ -131,6 +137,9 @@ struct Shared {
     client_timeout: Duration,
     /// Client connections open, all workers together.
     open: std::sync::atomic::AtomicUsize,
+    /// Set when a newer proxy has taken over the listeners: answers say `Connection: close`,
+    /// and what stays open is closed gracefully a little later.
+    retiring: watch::Receiver<bool>,
 }
 
 /// Gives freed memory back to the system after a wave of connections has closed. Each idle
@@ -175,9 +184,25 @@ pub struct ProxyHandle {
     pub http_addrs: Vec<SocketAddr>,
     pub https_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    retire: watch::Sender<bool>,
+    shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Reloads the HTTPS certificates when their files change, for as long as the proxy runs.
     _certs: Option<super::tls::CertWatch>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting (a newer proxy serves the same listening sockets) and winds the open
+    /// connections down: HTTP/1 answers carry `Connection: close`, and after [`RETIRE_LINGER`]
+    /// the connections still open are shut down gracefully (h2: GOAWAY; idle HTTP/1: closed).
+    pub fn retire(&self) {
+        let _ = self.retire.send(true);
+    }
+
+    /// Client connections open now, all workers together.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Drop for ProxyHandle {
@@ -191,7 +216,7 @@ impl Drop for ProxyHandle {
 
 /// One socket per worker on `addr`, all with `SO_REUSEPORT`. A plain bind first tells whether
 /// anyone else holds the port (with `SO_REUSEPORT` alone, a second server would silently share it).
-fn bind_all(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ProxyError> {
+pub fn bind_all(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ProxyError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |e| ProxyError::Bind(addr, e);
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
@@ -220,36 +245,91 @@ fn bind_all(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<std::net::Tcp
     Ok((bound, sockets))
 }
 
+/// A listening socket of the proxy and what it serves.
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub https: bool,
+    pub socket: std::net::TcpListener,
+}
+
+/// How long a retiring proxy lets its connections finish their exchange (each HTTP/1 answer
+/// closes its connection) before it closes what is left gracefully.
+pub const RETIRE_LINGER: Duration = Duration::from_secs(2);
+
+/// Worker threads for `options`: as given, or one per CPU.
+pub fn worker_count(options: &ProxyOptions) -> usize {
+    match options.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    }
+}
+
+/// Binds every listener of `options`: one `SO_REUSEPORT` socket per worker and address.
+pub fn bind_listeners(options: &ProxyOptions) -> Result<Vec<Listener>, ProxyError> {
+    let threads = worker_count(options);
+    let mut out = Vec::new();
+    for (addrs, https) in [(&options.http, false), (&options.https, true)] {
+        for addr in addrs {
+            let (bound, sockets) = bind_all(*addr, threads)?;
+            out.extend(sockets.into_iter().map(|socket| Listener { addr: bound, https, socket }));
+        }
+    }
+    Ok(out)
+}
+
 /// Starts the proxy's threads on freshly bound listeners.
+#[cfg(test)]
 pub fn start(options: ProxyOptions, table: Arc<RouteTable>) -> Result<ProxyHandle, ProxyError> {
+    let listeners = bind_listeners(&options)?;
+    start_on(options, table, listeners)
+}
+
+/// Starts the proxy's threads on listeners bound elsewhere (inherited from the daemon or from
+/// systemd). Every socket is served: with fewer sockets than workers for an address, workers
+/// share one; with more, a worker takes several.
+pub fn start_on(
+    options: ProxyOptions,
+    table: Arc<RouteTable>,
+    listeners: Vec<Listener>,
+) -> Result<ProxyHandle, ProxyError> {
     if options.proxy_protocol && options.trusted.is_empty() {
         return Err(ProxyError::Config(
             "PROXY protocol needs the addresses of the load balancers that send it (--trusted-proxy)".into(),
         ));
     }
-    let tls = match (&options.certs, options.https.is_empty()) {
-        (_, true) => None,
-        (Some(certs), false) => Some(tokio_rustls::TlsAcceptor::from(certs.server_config())),
-        (None, false) => {
-            return Err(ProxyError::Config("an HTTPS listener needs a certificate directory (--certs-dir)".into()))
-        }
-    };
-    let threads = match options.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
-    };
+    let tls = options.certs.as_ref().map(|certs| tokio_rustls::TlsAcceptor::from(certs.server_config()));
+    let threads = worker_count(&options);
     let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..threads).map(|_| Vec::new()).collect();
     let mut http_addrs = Vec::new();
     let mut https_addrs = Vec::new();
-    for (addrs, https, out) in [(&options.http, false, &mut http_addrs), (&options.https, true, &mut https_addrs)] {
-        for addr in addrs {
-            let (bound, sockets) = bind_all(*addr, threads)?;
-            out.push(bound);
-            for (w, s) in sockets.into_iter().enumerate() {
-                per_worker[w].push((s, https));
+    let mut groups: Vec<(SocketAddr, bool, Vec<std::net::TcpListener>)> = Vec::new();
+    for l in listeners {
+        let (addrs, https) = if l.https { (&mut https_addrs, true) } else { (&mut http_addrs, false) };
+        if !addrs.contains(&l.addr) {
+            addrs.push(l.addr);
+        }
+        match groups.iter_mut().find(|g| g.0 == l.addr && g.1 == https) {
+            Some(g) => g.2.push(l.socket),
+            None => groups.push((l.addr, https, vec![l.socket])),
+        }
+    }
+    if !https_addrs.is_empty() && tls.is_none() {
+        return Err(ProxyError::Config("an HTTPS listener needs a certificate directory (--certs-dir)".into()));
+    }
+    for (addr, https, sockets) in groups {
+        let n = sockets.len();
+        if n >= threads {
+            for (i, s) in sockets.into_iter().enumerate() {
+                per_worker[i % threads].push((s, https));
+            }
+        } else {
+            for (w, list) in per_worker.iter_mut().enumerate() {
+                let s = sockets[w % n].try_clone().map_err(|e| ProxyError::Bind(addr, e))?;
+                list.push((s, https));
             }
         }
     }
+    let (retire, retire_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         table: table.clone(),
         trusted: options.trusted.clone(),
@@ -257,10 +337,12 @@ pub fn start(options: ProxyOptions, table: Arc<RouteTable>) -> Result<ProxyHandl
         tls,
         client_timeout: options.client_timeout,
         open: std::sync::atomic::AtomicUsize::new(0),
+        retiring: retire_rx,
     });
     let (shutdown, rx) = watch::channel(false);
     let _certs = options.certs.as_ref().map(|c| c.watch(CERT_POLL));
-    let mut handle = ProxyHandle { http_addrs, https_addrs, shutdown, threads: Vec::new(), _certs };
+    let mut handle =
+        ProxyHandle { http_addrs, https_addrs, shutdown, retire, shared: shared.clone(), threads: Vec::new(), _certs };
     for (i, listeners) in per_worker.into_iter().enumerate() {
         let shared = shared.clone();
         let rx = rx.clone();
@@ -271,9 +353,10 @@ pub fn start(options: ProxyOptions, table: Arc<RouteTable>) -> Result<ProxyHandl
         handle.threads.push(t);
     }
     let tcp_ip = options.tcp_ip;
+    let retiring = shared.retiring.clone();
     let t = std::thread::Builder::new()
         .name("dlv-proxy-ctl".into())
-        .spawn(move || control(table, tcp_ip, rx))
+        .spawn(move || control(table, tcp_ip, rx, retiring))
         .map_err(ProxyError::Thread)?;
     handle.threads.push(t);
     Ok(handle)
@@ -337,8 +420,14 @@ fn worker(
 }
 
 async fn accept_loop(listener: TcpListener, https: bool, forwarder: Arc<Forwarder>, shared: Arc<Shared>) {
+    let mut retiring = shared.retiring.clone();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // The socket stays open in the newer proxy (and the daemon): nothing queued is lost.
+            _ = super::set(&mut retiring) => return,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 tokio::spawn(serve_conn(stream, canonical(peer), https, forwarder.clone(), shared.clone()));
             }
@@ -376,24 +465,40 @@ async fn serve_conn(
     let info = ConnInfo { client, trusted, https };
     match (https, &shared.tls) {
         (true, Some(acceptor)) => match tokio::time::timeout(shared.client_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, shared.client_timeout).await,
+            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, &shared).await,
             Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
             Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
         },
-        _ => serve_http(TokioIo::new(stream), info, forwarder, shared.client_timeout).await,
+        _ => serve_http(TokioIo::new(stream), info, forwarder, &shared).await,
     }
 }
 
-async fn serve_http<I>(io: I, info: ConnInfo, forwarder: Arc<Forwarder>, client_timeout: Duration)
+async fn serve_http<I>(io: I, info: ConnInfo, forwarder: Arc<Forwarder>, shared: &Shared)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = info.client;
-    let service = hyper::service::service_fn(move |req| {
-        let forwarder = forwarder.clone();
-        let info = info.clone();
-        async move { Ok::<_, Infallible>(forwarder.handle(req, &info).await) }
-    });
+    let client_timeout = shared.client_timeout;
+    let retiring = shared.retiring.clone();
+    let service = {
+        let retiring = retiring.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let forwarder = forwarder.clone();
+            let info = info.clone();
+            let retiring = retiring.clone();
+            async move {
+                let http1 = req.version() < hyper::Version::HTTP_2;
+                let mut resp = forwarder.handle(req, &info).await;
+                // A retiring proxy ends each HTTP/1 connection after its current answer: the
+                // client's next request opens a connection to the newer proxy.
+                if http1 && *retiring.borrow() && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut()
+                        .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout);
     // h2: an idle connection is pinged, and closed when the client stops answering.
@@ -403,13 +508,32 @@ where
         .max_concurrent_streams(250)
         .keep_alive_interval(client_timeout)
         .keep_alive_timeout(Duration::from_secs(20));
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut retiring = retiring;
+    let linger = async move {
+        super::set(&mut retiring).await;
+        tokio::time::sleep(RETIRE_LINGER).await;
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = linger => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!("proxy connection from {peer}: {e}");
     }
 }
 
 /// Follows the route table: a health check per backend that has one, a listener per TCP port.
-fn control(table: Arc<RouteTable>, tcp_ip: IpAddr, mut shutdown: watch::Receiver<bool>) {
+fn control(
+    table: Arc<RouteTable>,
+    tcp_ip: IpAddr,
+    mut shutdown: watch::Receiver<bool>,
+    mut retiring: watch::Receiver<bool>,
+) {
     let Some(rt) = runtime() else { return };
     rt.block_on(async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Arc<Table>>();
@@ -418,11 +542,27 @@ fn control(table: Arc<RouteTable>, tcp_ip: IpAddr, mut shutdown: watch::Receiver
         });
         let mut checks: HashMap<(String, SocketAddr), tokio::task::JoinHandle<()>> = HashMap::new();
         let mut ports: HashMap<u16, (TcpPort, tokio::task::JoinHandle<()>)> = HashMap::new();
+        let mut current: Arc<Table> = Arc::clone(&table.load());
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let current = tokio::select! {
-                t = rx.recv() => match t { Some(t) => t, None => break },
+            tokio::select! {
+                t = rx.recv() => match t { Some(t) => current = t, None => break },
+                // A TCP port still held by a retiring proxy is bound again a moment later.
+                _ = retry.tick(), if current.tcp.iter().any(|(p, _)| !ports.contains_key(&p.listen)) => {}
+                _ = super::set(&mut retiring), if !*retiring.borrow() => {}
                 _ = shutdown.wait_for(|stop| *stop) => break,
             };
+            if *retiring.borrow() {
+                // The newer proxy binds the TCP ports next to ours (SO_REUSEPORT): stop accepting.
+                for (_, (_, task)) in ports.drain() {
+                    task.abort();
+                }
+                for (_, task) in checks.drain() {
+                    task.abort();
+                }
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                break;
+            }
             let mut wanted = HashMap::new();
             for route in current.routes() {
                 let Some(check) = &route.options.health else { continue };

@@ -12,6 +12,8 @@ use super::routes::{RouteTable, TcpPort};
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
+    // A newer proxy taking over binds the port while the retiring one still holds it.
+    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;

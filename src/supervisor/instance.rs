@@ -455,11 +455,18 @@ impl Supervisor {
                         .map(|i| parse_signal(i.config.stop_signal.as_deref()))
                         .unwrap_or(libc::SIGTERM);
                     let (done_tx, done_rx) = watch::channel(false);
+                    // One that accepts goes straight back into rotation: the proxy must not
+                    // lose it while this daemon starts.
+                    let addr = SocketAddr::from((row.ip, app.spec.port));
+                    let accepts = matches!(
+                        tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await,
+                        Ok(Ok(_))
+                    );
                     lock(&self.live).insert(
                         row.uid.clone(),
                         Live {
                             row: row.clone(),
-                            state: State::Starting,
+                            state: if accepts { State::Ready } else { State::Starting },
                             pid,
                             stop_requested: false,
                             stop_signal,
@@ -469,9 +476,10 @@ impl Supervisor {
                     );
                     tracing::info!("re-attached to instance {}.{} ({})", row.app, row.slot, row.uid);
                     self.spawn_watcher(row.clone(), done_tx);
-                    let me = self.clone();
-                    let addr = SocketAddr::from((row.ip, app.spec.port));
-                    tokio::spawn(async move { me.wait_ready(&row.uid, addr).await });
+                    if !accepts {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.wait_ready(&row.uid, addr).await });
+                    }
                 }
                 _ => {
                     tracing::info!("instance {}.{} ({}) did not survive; cleaning up", row.app, row.slot, row.uid);

@@ -19,7 +19,8 @@ use tokio::sync::{watch, OwnedMutexGuard};
 use crate::apps::store::{InstanceRow, Store, StoreError};
 use crate::apps::{App, AppSpec, Revision};
 use crate::events::{Events, Kind};
-use crate::proxy::{AppRoute, BackendSpec, RouteConfig, RouteTable};
+use crate::proxy::link::ProxyLink;
+use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
 
 /// Where everything the daemon creates lives, and the names of its kernel objects.
 #[derive(Debug, Clone)]
@@ -143,7 +144,7 @@ pub struct Supervisor {
     store: Store,
     images: Arc<ImageStore>,
     net: Arc<HostNetwork>,
-    routes: Arc<RouteTable>,
+    routes: Arc<ProxyLink>,
     events: Arc<Events>,
     live: Mutex<HashMap<String, Live>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -162,7 +163,7 @@ impl Supervisor {
         store: Store,
         images: Arc<ImageStore>,
         net: Arc<HostNetwork>,
-        routes: Arc<RouteTable>,
+        routes: Arc<ProxyLink>,
         events: Arc<Events>,
     ) -> Arc<Self> {
         Arc::new(Supervisor {
@@ -222,7 +223,7 @@ impl Supervisor {
         &self.settings
     }
 
-    pub fn routes(&self) -> &RouteTable {
+    pub fn routes(&self) -> &Arc<ProxyLink> {
         &self.routes
     }
 

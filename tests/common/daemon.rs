@@ -121,6 +121,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, once: &[&str]) {
         assert!(self.child.is_none(), "daemon already running");
         let n = &self.names;
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open daemon log");
@@ -142,6 +146,7 @@ impl Daemon {
             .args(["--cgroup-parent", &n.cgroup_parent])
             .args(["--nft-table", &n.nft_table])
             .args(&self.extra_args)
+            .args(once)
             .env("DELIVEROUS_AUTH_FILE", self.auth_file())
             .env("DOCKER_CONFIG", self.names.dir.join("docker"))
             .env("RUST_BACKTRACE", "1")
@@ -296,6 +301,12 @@ impl Daemon {
         .copied()
     }
 
+    /// PID of the proxy process the daemon started (it outlives the daemon), if it runs.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.run_dir().join("proxy.pid")).ok()?.trim().parse().ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
     /// PID of the daemon process, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -335,6 +346,29 @@ impl Daemon {
     pub fn restart(&mut self) {
         self.terminate();
         self.spawn();
+        self.wait_ready();
+    }
+
+    /// Upgrades in place: starts a new daemon with the same dirs, names and flags plus
+    /// `--upgrade`; the running one hands over to it and exits. Waits for both.
+    pub fn upgrade(&mut self) {
+        let mut old = self.child.take().expect("a daemon to upgrade");
+        self.spawn_with(&["--upgrade"]);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match old.try_wait() {
+                Ok(Some(status)) => {
+                    assert!(status.success(), "the old daemon exited with {status}\n{}", self.log_tail(50));
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = old.kill();
+                    let _ = old.wait();
+                    panic!("the old daemon did not exit after handing over\n{}", self.log_tail(50));
+                }
+            }
+        }
         self.wait_ready();
     }
 
