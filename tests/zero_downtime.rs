@@ -258,3 +258,29 @@ fn no_request_fails_through_scaling_deploys_kills_restarts_and_upgrades() {
     assert_eq!(failed, 0, "failed requests: {errors:#?}\n{}", report.join("\n"));
     assert!(get > 500 && post > 500, "too little load to tell: {get} GET, {post} POST");
 }
+
+#[test]
+fn a_killed_proxy_is_started_again_and_connections_wait_instead_of_being_refused() {
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let daemon = Daemon::start(&registry);
+    daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080"]);
+    daemon.cli_ok(&["app", "start", "web"]);
+    settle(&daemon, 1, "start");
+    let (status, _) = common::http_get(daemon.proxy_addr(), HOST, "/hostname");
+    assert_eq!(status, 200);
+
+    let first = daemon.proxy_pid().expect("proxy runs");
+    // SAFETY: kill(2) on the proxy process this test's daemon started.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    // At once, before a new proxy can be up: the daemon still holds the listening socket, so
+    // the connection is accepted by the kernel and answered once the new proxy runs.
+    let mut c = Conn::open(daemon.proxy_addr()).expect("the connection is not refused");
+    let r = c.request("GET", "/hostname", HOST, &[], b"").expect("answered by the new proxy");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let second = daemon.proxy_pid().expect("a new proxy runs");
+    assert_ne!(first, second);
+    // The new proxy got the whole route table.
+    let r = c.request("GET", "/hostname", HOST, &[], b"").expect("second request");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
