@@ -3,6 +3,10 @@
 //! shims, replaces crashed ones with backoff, and publishes the proxy's route table.
 
 mod instance;
+mod restart;
+
+use restart::SlotHistory;
+pub use restart::{ExitReason, ExitedSlot, SlotExit};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use deliverous_images::{Image, ImageStore, PullOptions, Reference};
 use deliverous_runtime::network::HostNetwork;
+use deliverous_runtime::shim::protocol::ExitStatus;
 use deliverous_runtime::volume;
 use serde::Serialize;
 use tokio::sync::{watch, OwnedMutexGuard};
@@ -110,14 +115,29 @@ pub struct InstanceView {
     pub state: &'static str,
     pub pid: Option<i32>,
     pub started_at: String,
+    /// Replacements made so far for this instance's slot.
+    pub restarts: u32,
+    /// How the slot's previous instance ended, if one did on its own.
+    pub last_exit: Option<SlotExit>,
 }
 
-/// What the supervisor remembers of an app's crashes.
+/// What the supervisor remembers of an app's exits since the daemon started.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Restarts {
+    /// Instances replaced after an exit nobody asked for.
     pub count: u32,
+    /// `exit 1`, `signal 9`, `oom`, `shim lost`.
     pub last_exit: Option<String>,
+    /// The same as data: `{"code":1}`, `{"signal":"SIGKILL"}`, `{"oom":true}`.
+    pub last_exit_reason: Option<ExitReason>,
+    /// `exited with code 1`, `killed by SIGKILL`.
+    pub last_exit_message: Option<String>,
     pub last_exit_at: Option<String>,
+    /// Some slot crashed quickly several times in a row and is backing off.
+    pub crash_loop: bool,
+    /// Slots without an instance after an exit: backing off, or kept empty by the restart policy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exited: Vec<ExitedSlot>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,6 +152,9 @@ struct Live {
     state: State,
     pid: Option<i32>,
     stop_requested: bool,
+    /// When this daemon started (or re-attached to) it: a crash after a long run is not part of
+    /// a crash loop.
+    started: Instant,
     stop_signal: i32,
     /// How long the stop signal has before SIGKILL.
     stop_grace: Duration,
@@ -148,8 +171,8 @@ pub struct Supervisor {
     live: Mutex<HashMap<String, Live>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     restarts: Mutex<HashMap<String, Restarts>>,
-    /// Consecutive quick crashes per app slot, for the restart backoff.
-    backoff: Mutex<HashMap<(String, u32), (u32, Instant)>>,
+    /// Exits, backoff and restart-policy holds per app slot.
+    slots: Mutex<HashMap<(String, u32), SlotHistory>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,7 +198,7 @@ impl Supervisor {
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
-            backoff: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
         })
     }
 
@@ -285,6 +308,8 @@ impl Supervisor {
     }
 
     pub fn instances_of(&self, app: &str) -> Vec<InstanceView> {
+        let slots = lock(&self.slots).clone();
+        let history = |slot: u32| slots.get(&(app.to_string(), slot));
         let mut v: Vec<InstanceView> = lock(&self.live)
             .values()
             .filter(|l| l.row.app == app)
@@ -301,14 +326,67 @@ impl Supervisor {
                 },
                 pid: l.pid,
                 started_at: l.row.created_at.clone(),
+                restarts: history(l.row.slot).map_or(0, |h| h.restarts),
+                last_exit: history(l.row.slot).and_then(|h| h.last_exit.clone()),
             })
             .collect();
         v.sort_by(|a, b| (a.slot, &a.started_at).cmp(&(b.slot, &b.started_at)));
         v
     }
 
+    /// The app's exits: totals, the last one, and the slots left without an instance. A slot
+    /// is in a crash loop from its [`restart::CRASH_LOOP_AFTER`]th quick crash in a row until
+    /// its instance has run [`restart::STABLE_AFTER`].
     pub fn restarts_of(&self, app: &str) -> Restarts {
-        lock(&self.restarts).get(app).cloned().unwrap_or_default()
+        let mut r = lock(&self.restarts).get(app).cloned().unwrap_or_default();
+        let desired = self.store.app(app).ok().flatten().filter(|a| a.running).map_or(0, |a| a.instances);
+        let live = lock(&self.live);
+        let slots = lock(&self.slots);
+        let mut exited = Vec::new();
+        for ((name, slot), h) in slots.iter().filter(|((name, slot), _)| name == app && *slot <= desired) {
+            let mut in_slot = live.values().filter(|l| l.row.app == *name && l.row.slot == *slot && !l.stop_requested);
+            let stable = in_slot.clone().any(|l| l.started.elapsed() >= restart::STABLE_AFTER);
+            let crash_loop = h.crash_looping() && !stable;
+            r.crash_loop |= crash_loop;
+            if in_slot.next().is_none() {
+                exited.push(ExitedSlot {
+                    name: format!("{name}.{slot}"),
+                    slot: *slot,
+                    state: if h.held { "exited" } else { "restarting" },
+                    restarts: h.restarts,
+                    crash_loop,
+                    last_exit: h.last_exit.clone(),
+                });
+            }
+        }
+        exited.sort_by_key(|e| e.slot);
+        r.exited = exited;
+        r
+    }
+
+    /// An operator brought the app back (`app start`, `scale`, a config change): slots the
+    /// restart policy kept empty are filled again; with `now`, slots backing off too.
+    pub fn release_slots(&self, app: &str, now: bool) {
+        for ((name, _), h) in lock(&self.slots).iter_mut() {
+            if name == app {
+                h.held = false;
+                if now {
+                    h.not_before = None;
+                }
+            }
+        }
+    }
+
+    /// The app is gone: so is its history (a new app of the same name starts afresh).
+    pub fn forget_app(&self, app: &str) {
+        lock(&self.slots).retain(|(name, _), _| name != app);
+        lock(&self.restarts).remove(app);
+    }
+
+    /// Whether converging must leave `slot` empty for now (backing off, or held by the
+    /// restart policy).
+    fn slot_waiting(&self, app: &str, slot: u32) -> bool {
+        lock(&self.slots).get(&(app.to_string(), slot)).is_some_and(|h| h.waiting(Instant::now()))
     }
 
     pub fn live_count(&self) -> usize {
@@ -394,7 +472,9 @@ impl Supervisor {
                     replace.push((slot, Some(c.0.clone()), false));
                 }
             } else if in_slot.is_empty() {
-                fresh.push(slot);
+                if !self.slot_waiting(name, slot) {
+                    fresh.push(slot);
+                }
             } else {
                 for c in in_slot {
                     replace.push((slot, Some(c.0.clone()), true));
@@ -439,41 +519,77 @@ impl Supervisor {
         }
     }
 
-    /// Called when an instance is gone (exited, killed or stopped) and its resources are freed.
-    fn after_exit(self: &Arc<Self>, row: &InstanceRow, exit_reason: Option<String>, requested: bool) {
+    /// Called when an instance is gone (exited, killed or stopped) and its resources are freed:
+    /// records how it ended and, for an exit nobody asked for, has the slot refilled after the
+    /// backoff if the restart policy wants it.
+    fn after_exit(self: &Arc<Self>, row: &InstanceRow, status: Option<ExitStatus>, requested: bool, uptime: Duration) {
         self.publish_routes();
+        let instance = format!("{}.{}", row.app, row.slot);
+        let reason = ExitReason::of(status.as_ref());
         if requested {
+            let how = if status.is_some() { reason.describe() } else { "gone".to_string() };
+            self.events.emit(Kind::InstanceStopped, &row.app, Some(&instance), format!("stopped ({how})"));
             return;
         }
-        let reason = exit_reason.unwrap_or_else(|| "shim lost".to_string());
-        tracing::warn!(app = %row.app, slot = row.slot, "instance {}.{} exited unexpectedly: {reason}", row.app, row.slot);
-        self.events.emit(
-            Kind::InstanceExited,
-            &row.app,
-            Some(&format!("{}.{}", row.app, row.slot)),
-            format!("exited unexpectedly: {reason}"),
-        );
+        let short = status.as_ref().map_or_else(|| "shim lost".to_string(), ExitStatus::reason);
+        tracing::warn!(app = %row.app, slot = row.slot, "instance {instance} exited unexpectedly: {short}");
+        let app = self.store.app(&row.app).ok().flatten();
+        let policy = app.as_ref().map(|a| a.spec.restart).unwrap_or_default();
+        // The slot is still wanted: the app runs and was not scaled below it meanwhile.
+        let wanted = app.as_ref().is_some_and(|a| a.running && row.slot <= a.instances);
+        let replace = wanted && restart::wants_replacement(policy, &reason);
+        let exit = SlotExit { reason: reason.clone(), message: reason.describe(), at: crate::apps::now() };
+        let (consecutive, delay, restarts) = {
+            let mut slots = lock(&self.slots);
+            let h = slots.entry((row.app.clone(), row.slot)).or_default();
+            h.last_exit = Some(exit.clone());
+            let (consecutive, delay) = restart::next_backoff(h.consecutive, uptime);
+            if replace {
+                h.consecutive = consecutive;
+                h.restarts += 1;
+                h.held = false;
+                h.not_before = Some(Instant::now() + delay);
+            } else {
+                h.held = wanted;
+            }
+            (consecutive, delay, h.restarts)
+        };
         {
             let mut r = lock(&self.restarts);
             let entry = r.entry(row.app.clone()).or_default();
-            entry.count += 1;
-            entry.last_exit = Some(reason);
-            entry.last_exit_at = Some(crate::apps::now());
-        }
-        let delay = {
-            let mut b = lock(&self.backoff);
-            let e = b.entry((row.app.clone(), row.slot)).or_insert((0, Instant::now()));
-            // A stable run resets the backoff.
-            if e.1.elapsed() > Duration::from_secs(30) {
-                e.0 = 0;
+            if replace {
+                entry.count += 1;
             }
-            let d = restart_delay(e.0);
-            e.0 += 1;
-            e.1 = Instant::now();
-            d
-        };
-        let instance = format!("{}.{}", row.app, row.slot);
-        self.events.emit(Kind::InstanceRestarting, &row.app, Some(&instance), format!("replaced in {delay:?}"));
+            entry.last_exit = Some(short);
+            entry.last_exit_reason = Some(reason.clone());
+            entry.last_exit_message = Some(exit.message.clone());
+            entry.last_exit_at = Some(exit.at.clone());
+        }
+        let mut message = format!("exited unexpectedly: {} after {}", exit.message, human(uptime));
+        if wanted && !replace {
+            message.push_str(&format!("; not replaced (restart policy {policy})"));
+        }
+        self.events.emit(Kind::InstanceExited, &row.app, Some(&instance), message);
+        if !replace {
+            return;
+        }
+        if consecutive == restart::CRASH_LOOP_AFTER {
+            self.events.emit(
+                Kind::CrashLoop,
+                &row.app,
+                Some(&instance),
+                format!(
+                    "crashed {consecutive} times in a row, each within {}; backing off",
+                    human(restart::STABLE_AFTER)
+                ),
+            );
+        }
+        self.events.emit(
+            Kind::InstanceRestarting,
+            &row.app,
+            Some(&instance),
+            format!("replaced in {} (restart {restarts}, {consecutive} quick crashes in a row)", human(delay)),
+        );
         let me = self.clone();
         let app = row.app.clone();
         tokio::spawn(async move {
@@ -483,9 +599,17 @@ impl Supervisor {
     }
 }
 
-/// 100 ms, doubling per consecutive crash, capped at 30 s.
-pub fn restart_delay(consecutive: u32) -> Duration {
-    Duration::from_millis(100u64.saturating_mul(1u64 << consecutive.min(9))).min(Duration::from_secs(30))
+/// `100ms`, `1.6s`, `30s`, `2m5s`.
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = format!("{:.1}", ms as f64 / 1000.0);
+        format!("{}s", s.trim_end_matches(".0"))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
 }
 
 #[cfg(test)]
@@ -493,9 +617,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(restart_delay(0), Duration::from_millis(100));
-        assert_eq!(restart_delay(3), Duration::from_millis(800));
-        assert_eq!(restart_delay(50), Duration::from_secs(30));
+    fn durations_for_people() {
+        assert_eq!(human(Duration::from_millis(100)), "100ms");
+        assert_eq!(human(Duration::from_millis(1600)), "1.6s");
+        assert_eq!(human(Duration::from_secs(30)), "30s");
+        assert_eq!(human(Duration::from_secs(125)), "2m5s");
     }
 }
