@@ -185,7 +185,7 @@ fn app_show_reports_exit_codes_signals_and_oom_kills() {
 fn restart_policies_on_failure_never_and_always() {
     let registry = Registry::start();
     let image = common::push_testapp(&registry, "demo/testapp:1");
-    let daemon = Daemon::start(&registry);
+    let mut daemon = Daemon::start(&registry);
     for (app, policy) in [("onfail", "on-failure"), ("never", "never"), ("always", "always")] {
         daemon.cli_ok(&["app", "create", app, "--image", &image.reference, "--port", "8080", "--restart", policy]);
         daemon.cli_ok(&["app", "start", app]);
@@ -229,6 +229,13 @@ fn restart_policies_on_failure_never_and_always() {
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(show(&daemon, "never")["instances"], serde_json::json!([]));
+    // A restarted daemon does not silently bring it back either, and keeps the counts.
+    daemon.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let s = show(&daemon, "never");
+    assert_eq!(s["instances"], serde_json::json!([]), "the daemon restart refilled a `never` slot: {s:#}");
+    assert_eq!(s["restarts"]["exited"][0]["state"], "exited", "{s:#}");
+    assert_eq!(show(&daemon, "onfail")["restarts"]["count"], 1, "restart counts survive a daemon restart");
     // …until the configuration changes: switching to `always` is no new revision, and fills it.
     daemon.cli_ok(&["app", "config", "never", "--restart", "always"]);
     let back = the_instance(&daemon, "never");

@@ -457,6 +457,7 @@ impl Supervisor {
     /// At start-up: re-attach to the shims of instances that still run, free what is left of
     /// the others, then converge every app.
     pub async fn recover(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        self.load_slots()?;
         for row in self.store.instances()? {
             let socket = self.settings.shim_socket(&row.uid);
             let state = send_request(&socket, &Request::State, Some(Duration::from_secs(2))).await;

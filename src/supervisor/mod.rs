@@ -170,7 +170,6 @@ pub struct Supervisor {
     events: Arc<Events>,
     live: Mutex<HashMap<String, Live>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    restarts: Mutex<HashMap<String, Restarts>>,
     /// Exits, backoff and restart-policy holds per app slot.
     slots: Mutex<HashMap<(String, u32), SlotHistory>>,
 }
@@ -197,7 +196,6 @@ impl Supervisor {
             events,
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
-            restarts: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -338,12 +336,22 @@ impl Supervisor {
     /// is in a crash loop from its [`restart::CRASH_LOOP_AFTER`]th quick crash in a row until
     /// its instance has run [`restart::STABLE_AFTER`].
     pub fn restarts_of(&self, app: &str) -> Restarts {
-        let mut r = lock(&self.restarts).get(app).cloned().unwrap_or_default();
         let desired = self.store.app(app).ok().flatten().filter(|a| a.running).map_or(0, |a| a.instances);
         let live = lock(&self.live);
         let slots = lock(&self.slots);
+        let mut r = Restarts::default();
         let mut exited = Vec::new();
-        for ((name, slot), h) in slots.iter().filter(|((name, slot), _)| name == app && *slot <= desired) {
+        let mut last: Option<&SlotExit> = None;
+        for ((name, slot), h) in slots.iter().filter(|((name, _), _)| name == app) {
+            r.count += h.restarts;
+            if let Some(e) = &h.last_exit {
+                if last.is_none_or(|l| e.at > l.at) {
+                    last = Some(e);
+                }
+            }
+            if *slot > desired {
+                continue;
+            }
             let mut in_slot = live.values().filter(|l| l.row.app == *name && l.row.slot == *slot && !l.stop_requested);
             let stable = in_slot.clone().any(|l| l.started.elapsed() >= restart::STABLE_AFTER);
             let crash_loop = h.crash_looping() && !stable;
@@ -359,28 +367,65 @@ impl Supervisor {
                 });
             }
         }
+        if let Some(e) = last {
+            r.last_exit = Some(e.reason.short());
+            r.last_exit_reason = Some(e.reason.clone());
+            r.last_exit_message = Some(e.message.clone());
+            r.last_exit_at = Some(e.at.clone());
+        }
         exited.sort_by_key(|e| e.slot);
         r.exited = exited;
         r
     }
 
+    /// Keeps a slot's history in the state database (best effort: it is also in memory).
+    fn save_slot(&self, app: &str, slot: u32, history: &SlotHistory) {
+        let saved = serde_json::to_string(history)
+            .map_err(|e| e.to_string())
+            .and_then(|json| self.store.save_slot(app, slot, &json).map_err(|e| e.to_string()));
+        if let Err(e) = saved {
+            tracing::warn!(app, slot, "cannot record the exit history of {app}.{slot}: {e}");
+        }
+    }
+
+    /// At start-up: the slot histories a previous daemon recorded.
+    fn load_slots(&self) -> Result<(), SupervisorError> {
+        let mut slots = lock(&self.slots);
+        for (app, slot, json) in self.store.slots()? {
+            match serde_json::from_str::<SlotHistory>(&json) {
+                Ok(h) => {
+                    slots.insert((app, slot), h);
+                }
+                Err(e) => tracing::warn!(app, slot, "ignoring an unreadable exit history of {app}.{slot}: {e}"),
+            }
+        }
+        Ok(())
+    }
+
     /// An operator brought the app back (`app start`, `scale`, a config change): slots the
     /// restart policy kept empty are filled again; with `now`, slots backing off too.
     pub fn release_slots(&self, app: &str, now: bool) {
-        for ((name, _), h) in lock(&self.slots).iter_mut() {
+        let mut released = Vec::new();
+        for ((name, slot), h) in lock(&self.slots).iter_mut() {
             if name == app {
-                h.held = false;
+                if h.held {
+                    h.held = false;
+                    released.push((*slot, h.clone()));
+                }
                 if now {
                     h.not_before = None;
                 }
             }
         }
+        for (slot, h) in released {
+            self.save_slot(app, slot, &h);
+        }
     }
 
-    /// The app is gone: so is its history (a new app of the same name starts afresh).
+    /// The app is gone: so is its history (a new app of the same name starts afresh; the
+    /// database drops it with the app).
     pub fn forget_app(&self, app: &str) {
         lock(&self.slots).retain(|(name, _), _| name != app);
-        lock(&self.restarts).remove(app);
     }
 
     /// Whether converging must leave `slot` empty for now (backing off, or held by the
@@ -531,15 +576,14 @@ impl Supervisor {
             self.events.emit(Kind::InstanceStopped, &row.app, Some(&instance), format!("stopped ({how})"));
             return;
         }
-        let short = status.as_ref().map_or_else(|| "shim lost".to_string(), ExitStatus::reason);
-        tracing::warn!(app = %row.app, slot = row.slot, "instance {instance} exited unexpectedly: {short}");
+        tracing::warn!(app = %row.app, slot = row.slot, "instance {instance} exited unexpectedly: {}", reason.short());
         let app = self.store.app(&row.app).ok().flatten();
         let policy = app.as_ref().map(|a| a.spec.restart).unwrap_or_default();
         // The slot is still wanted: the app runs and was not scaled below it meanwhile.
         let wanted = app.as_ref().is_some_and(|a| a.running && row.slot <= a.instances);
         let replace = wanted && restart::wants_replacement(policy, &reason);
         let exit = SlotExit { reason: reason.clone(), message: reason.describe(), at: crate::apps::now() };
-        let (consecutive, delay, restarts) = {
+        let (consecutive, delay, history) = {
             let mut slots = lock(&self.slots);
             let h = slots.entry((row.app.clone(), row.slot)).or_default();
             h.last_exit = Some(exit.clone());
@@ -552,19 +596,12 @@ impl Supervisor {
             } else {
                 h.held = wanted;
             }
-            (consecutive, delay, h.restarts)
+            (consecutive, delay, h.clone())
         };
-        {
-            let mut r = lock(&self.restarts);
-            let entry = r.entry(row.app.clone()).or_default();
-            if replace {
-                entry.count += 1;
-            }
-            entry.last_exit = Some(short);
-            entry.last_exit_reason = Some(reason.clone());
-            entry.last_exit_message = Some(exit.message.clone());
-            entry.last_exit_at = Some(exit.at.clone());
+        if app.is_some() {
+            self.save_slot(&row.app, row.slot, &history);
         }
+        let restarts = history.restarts;
         let mut message = format!("exited unexpectedly: {} after {}", exit.message, human(uptime));
         if wanted && !replace {
             message.push_str(&format!("; not replaced (restart policy {policy})"));

@@ -51,6 +51,23 @@ impl ExitReason {
         self.code != Some(0) || self.signal.is_some() || self.oom || self.lost
     }
 
+    /// `exit 1`, `signal 9`, `oom`, `shim lost`: the short form `app show` has always had in
+    /// `restarts.last_exit` (and the shim writes in its log).
+    pub fn short(&self) -> String {
+        if self.oom {
+            "oom".into()
+        } else if let Some(sig) = &self.signal {
+            match signal_number(sig) {
+                Some(n) => format!("signal {n}"),
+                None => sig.clone(),
+            }
+        } else if self.lost {
+            "shim lost".into()
+        } else {
+            format!("exit {}", self.code.unwrap_or(-1))
+        }
+    }
+
     /// `exited with code 1`, `killed by SIGKILL`, `killed by the OOM killer (memory limit)`.
     pub fn describe(&self) -> String {
         if self.oom {
@@ -91,6 +108,14 @@ pub fn signal_name(sig: i32) -> String {
     name.to_string()
 }
 
+/// 9 for `SIGKILL`, 64 for `signal 64`.
+fn signal_number(name: &str) -> Option<i32> {
+    if let Some(n) = name.strip_prefix("signal ") {
+        return n.parse().ok();
+    }
+    (1..=64).find(|n| signal_name(*n) == name)
+}
+
 /// Whether the policy wants a replacement for an instance that ended this way.
 pub fn wants_replacement(policy: RestartPolicy, reason: &ExitReason) -> bool {
     match policy {
@@ -114,7 +139,7 @@ pub fn next_backoff(consecutive: u32, uptime: Duration) -> (u32, Duration) {
 }
 
 /// The last exit of a slot's instance, as `app show` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlotExit {
     pub reason: ExitReason,
     /// `exited with code 1`
@@ -123,8 +148,10 @@ pub struct SlotExit {
     pub at: String,
 }
 
-/// What the supervisor remembers of one app slot's exits.
-#[derive(Debug, Clone, Default)]
+/// What the supervisor remembers of one app slot's exits; kept in the state database, so a
+/// restarted daemon neither forgets the counts nor refills a slot the policy keeps empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SlotHistory {
     /// Quick crashes in a row (see [`next_backoff`]).
     pub consecutive: u32,
@@ -134,6 +161,7 @@ pub struct SlotHistory {
     /// The restart policy left the slot empty; an operator action brings it back.
     pub held: bool,
     /// A replacement is due then; until then converging leaves the slot empty.
+    #[serde(skip)]
     pub not_before: Option<Instant>,
 }
 
@@ -213,6 +241,23 @@ mod tests {
         assert_eq!(failed.describe(), "exited with code 3");
         assert_eq!(killed.describe(), "killed by SIGKILL");
         assert_eq!(signal_name(64), "signal 64");
+        assert_eq!(
+            (killed.short(), oom.short(), failed.short(), lost.short()),
+            ("signal 9".into(), "oom".into(), "exit 3".into(), "shim lost".into())
+        );
+        let odd = ExitReason::of(Some(&status(None, Some(64), false)));
+        assert_eq!(odd.short(), "signal 64");
+        // What the database keeps reads back the same (but the pending time, which is the
+        // daemon's own).
+        let h = SlotHistory {
+            consecutive: 2,
+            restarts: 5,
+            last_exit: Some(SlotExit { reason: oom.clone(), message: oom.describe(), at: "t".into() }),
+            held: true,
+            not_before: None,
+        };
+        let back: SlotHistory = serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
         for r in [&failed, &killed, &oom, &lost] {
             assert!(r.is_failure(), "{r:?}");
             assert!(wants_replacement(RestartPolicy::OnFailure, r));
