@@ -392,3 +392,45 @@ fn after_a_host_reboot_every_app_comes_back_as_declared() {
     let gone = of_kind(&events(&daemon, "web"), "instance_exited").len();
     assert_eq!(gone, 3, "each dead instance is reported once");
 }
+
+#[test]
+fn a_replacement_that_cannot_start_is_tried_again_with_backoff() {
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let daemon = Daemon::start(&registry);
+    daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080"]);
+    daemon.cli_ok(&["app", "start", "web"]);
+    let first = the_instance(&daemon, "web");
+
+    // The image's unpacked layers vanish (a disk mishap): no replacement can be prepared.
+    let layers = daemon.data_dir().join("layers");
+    let away = daemon.data_dir().join("layers.away");
+    std::fs::rename(&layers, &away).expect("move the layers away");
+    struct PutBack(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for PutBack {
+        fn drop(&mut self) {
+            if self.1.exists() {
+                let _ = std::fs::rename(&self.1, &self.0);
+            }
+        }
+    }
+    let put_back = PutBack(layers, away);
+    exit_with(&first, 1);
+    let mut seen = Vec::new();
+    let ok = wait_until(Duration::from_secs(30), || {
+        seen = events(&daemon, "web");
+        seen.iter().filter(|e| e["message"].as_str().is_some_and(|m| m.starts_with("could not start"))).count() >= 2
+    });
+    assert!(ok, "failed replacements are not retried: {seen:#?}");
+    let retries: Vec<&str> =
+        seen.iter().filter_map(|e| e["message"].as_str()).filter(|m| m.starts_with("could not start")).collect();
+    assert!(retries[0].ends_with("next try in 200ms") && retries[1].ends_with("next try in 400ms"), "{retries:#?}");
+    let s = show(&daemon, "web");
+    assert_eq!(s["restarts"]["exited"][0]["state"], "restarting", "{s:#}");
+
+    // Back in place: the next try succeeds, and the app serves again.
+    drop(put_back);
+    the_instance(&daemon, "web");
+    let (status, body) = http_get(daemon.proxy_addr(), "web.localhost", "/");
+    assert_eq!(status, 200, "{body}");
+}

@@ -429,9 +429,11 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                             .as_array()
                             .map(|i| i.iter().filter(|x| x["state"] == "running").count())
                             .unwrap_or(0);
+                        let state =
+                            if a["restarts"]["crash_loop"] == true { "crash-loop".to_string() } else { s(&a["state"]) };
                         vec![
                             s(&a["name"]),
-                            s(&a["state"]),
+                            state,
                             format!("{running}/{}", a["instances_desired"]),
                             s(&a["image"]),
                             a["port"].to_string(),

@@ -628,11 +628,49 @@ impl Supervisor {
             format!("replaced in {} (restart {restarts}, {consecutive} quick crashes in a row)", human(delay)),
         );
         let me = self.clone();
-        let app = row.app.clone();
+        let (app, slot) = (row.app.clone(), row.slot);
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            me.converge_locked(&app).await;
+            let mut delay = delay;
+            loop {
+                tokio::time::sleep(delay).await;
+                let result = {
+                    let _guard = me.lock_app(&app).await;
+                    me.converge(&app).await
+                };
+                let Err(e) = result else { return };
+                tracing::warn!(app = %app, "replacing {app}.{slot}: {e}");
+                // The replacement could not start (image gone, no address left…): the slot
+                // stays in the backoff, and is tried again later.
+                match me.retry_delay(&app, slot) {
+                    Some(d) => {
+                        me.events.emit(
+                            Kind::InstanceRestarting,
+                            &app,
+                            Some(&format!("{app}.{slot}")),
+                            format!("could not start ({e}); next try in {}", human(d)),
+                        );
+                        delay = d;
+                    }
+                    None => return,
+                }
+            }
         });
+    }
+
+    /// After a failed replacement of `slot`: the wait before the next try, if the slot is still
+    /// wanted and still empty.
+    fn retry_delay(&self, app: &str, slot: u32) -> Option<Duration> {
+        let wanted = self.store.app(app).ok().flatten().is_some_and(|a| a.running && slot <= a.instances);
+        let filled = lock(&self.live).values().any(|l| l.row.app == app && l.row.slot == slot && !l.stop_requested);
+        if !wanted || filled {
+            return None;
+        }
+        let mut slots = lock(&self.slots);
+        let h = slots.get_mut(&(app.to_string(), slot)).filter(|h| !h.held)?;
+        let (consecutive, delay) = restart::next_backoff(h.consecutive, Duration::ZERO);
+        h.consecutive = consecutive;
+        h.not_before = Some(Instant::now() + delay);
+        Some(delay)
     }
 }
 
