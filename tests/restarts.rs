@@ -381,6 +381,19 @@ fn after_a_host_reboot_every_app_comes_back_as_declared() {
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     assert!(netns.iter().all(|n| new_ids.contains(n)), "stale namespaces: {netns:?}");
+    let cgroups: Vec<String> = daemon
+        .cgroup_file("", "pids", "")
+        .read_dir()
+        .map(|d| {
+            d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        })
+        .unwrap_or_default();
+    assert!(cgroups.len() == 3 && cgroups.iter().all(|c| new_ids.contains(c)), "instance cgroups: {cgroups:?}");
+    let prefix = daemon.names().veth_prefix.clone();
+    let veths = std::fs::read_dir("/sys/class/net")
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).count())
+        .unwrap_or(0);
+    assert_eq!(veths, 3, "one veth per live instance");
     // The old leases are free again: a fourth instance gets an address, and the four differ.
     daemon.cli_ok(&["app", "scale", "web", "4"]);
     let four =
