@@ -447,3 +447,25 @@ fn a_replacement_that_cannot_start_is_tried_again_with_backoff() {
     let (status, body) = http_get(daemon.proxy_addr(), "web.localhost", "/");
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn the_daemon_caps_the_backoff_where_it_is_told() {
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let daemon = Daemon::start_with_args(&registry, &["--restart-max-delay", "500ms"]);
+    daemon.cli_ok(&["app", "create", "loop", "--image", &image.reference, "--port", "8080", "-e", "EXIT_AT_START=1"]);
+    daemon.cli_ok(&["app", "start", "loop"]);
+    let mut seen = Vec::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        seen = events(&daemon, "loop");
+        of_kind(&seen, "instance_restarting").len() >= 6
+    });
+    assert!(ok, "fewer than 6 restarts in 60 s: {seen:#?}");
+    let delays: Vec<String> = of_kind(&seen, "instance_restarting")
+        .iter()
+        .take(6)
+        .filter_map(|e| e["message"].as_str()?.strip_prefix("replaced in ")?.split(' ').next().map(String::from))
+        .collect();
+    assert_eq!(delays, ["100ms", "200ms", "400ms", "500ms", "500ms", "500ms"]);
+    daemon.cli_ok(&["app", "stop", "loop"]);
+}

@@ -44,6 +44,8 @@ pub struct Settings {
     /// Revisions kept per app for rollback; older ones, and images only they used, are
     /// collected.
     pub keep_revisions: u32,
+    /// The longest wait before replacing an instance that keeps crashing.
+    pub restart_max_delay: Duration,
     /// The proxy's own listening ports (an app cannot publish them as TCP ports).
     pub proxy_ports: Vec<u16>,
 }
@@ -587,7 +589,7 @@ impl Supervisor {
             let mut slots = lock(&self.slots);
             let h = slots.entry((row.app.clone(), row.slot)).or_default();
             h.last_exit = Some(exit.clone());
-            let (consecutive, delay) = restart::next_backoff(h.consecutive, uptime);
+            let (consecutive, delay) = restart::next_backoff(h.consecutive, uptime, self.settings.restart_max_delay);
             if replace {
                 h.consecutive = consecutive;
                 h.restarts += 1;
@@ -667,7 +669,8 @@ impl Supervisor {
         }
         let mut slots = lock(&self.slots);
         let h = slots.get_mut(&(app.to_string(), slot)).filter(|h| !h.held)?;
-        let (consecutive, delay) = restart::next_backoff(h.consecutive, Duration::ZERO);
+        let (consecutive, delay) =
+            restart::next_backoff(h.consecutive, Duration::ZERO, self.settings.restart_max_delay);
         h.consecutive = consecutive;
         h.not_before = Some(Instant::now() + delay);
         Some(delay)

@@ -12,7 +12,9 @@ use crate::apps::RestartPolicy;
 
 /// The first replacement waits this long; each further quick crash doubles it.
 pub const FIRST_DELAY: Duration = Duration::from_millis(100);
-/// The longest wait between two replacements.
+/// The longest wait between two replacements by default (the daemon's `--restart-max-delay`
+/// defaults to the same 30s).
+#[cfg(test)]
 pub const MAX_DELAY: Duration = Duration::from_secs(30);
 /// An instance that ran this long was stable: its crash starts a new backoff from
 /// [`FIRST_DELAY`].
@@ -125,17 +127,17 @@ pub fn wants_replacement(policy: RestartPolicy, reason: &ExitReason) -> bool {
     }
 }
 
-/// 100 ms, doubling per consecutive quick crash, capped at [`MAX_DELAY`].
-pub fn restart_delay(consecutive: u32) -> Duration {
-    FIRST_DELAY.saturating_mul(1u32 << consecutive.min(16)).min(MAX_DELAY)
+/// 100 ms, doubling per consecutive quick crash, capped at `max` (never below the first delay).
+pub fn restart_delay(consecutive: u32, max: Duration) -> Duration {
+    FIRST_DELAY.saturating_mul(1u32 << consecutive.min(16)).min(max.max(FIRST_DELAY))
 }
 
 /// After an instance that ran for `uptime` crashed, with `consecutive` quick crashes before it
 /// in its slot: the new count of quick crashes and the wait before the replacement. Only a
 /// stable run resets the count; time spent waiting between crashes does not.
-pub fn next_backoff(consecutive: u32, uptime: Duration) -> (u32, Duration) {
+pub fn next_backoff(consecutive: u32, uptime: Duration, max: Duration) -> (u32, Duration) {
     let consecutive = if uptime >= STABLE_AFTER { 0 } else { consecutive };
-    (consecutive + 1, restart_delay(consecutive))
+    (consecutive.saturating_add(1), restart_delay(consecutive, max))
 }
 
 /// The last exit of a slot's instance, as `app show` shows it.
@@ -199,11 +201,16 @@ mod tests {
 
     #[test]
     fn the_schedule_doubles_from_100ms_and_caps_at_30s() {
-        let delays: Vec<u64> = (0..6).map(|n| restart_delay(n).as_millis() as u64).collect();
+        let delays: Vec<u64> = (0..6).map(|n| restart_delay(n, MAX_DELAY).as_millis() as u64).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200]);
-        assert_eq!(restart_delay(8), Duration::from_millis(25_600));
-        assert_eq!(restart_delay(9), MAX_DELAY);
-        assert_eq!(restart_delay(u32::MAX), MAX_DELAY);
+        assert_eq!(restart_delay(8, MAX_DELAY), Duration::from_millis(25_600));
+        assert_eq!(restart_delay(9, MAX_DELAY), MAX_DELAY);
+        assert_eq!(restart_delay(u32::MAX, MAX_DELAY), MAX_DELAY);
+        // The daemon's own cap.
+        let cap = Duration::from_secs(1);
+        assert_eq!(restart_delay(3, cap), Duration::from_millis(800));
+        assert_eq!(restart_delay(4, cap), cap);
+        assert_eq!(restart_delay(2, Duration::ZERO), FIRST_DELAY);
     }
 
     #[test]
@@ -212,17 +219,17 @@ mod tests {
         let mut n = 0;
         let mut seen = Vec::new();
         for _ in 0..4 {
-            let (next, delay) = next_backoff(n, quick);
+            let (next, delay) = next_backoff(n, quick, MAX_DELAY);
             n = next;
             seen.push(delay.as_millis());
         }
         assert_eq!(seen, [100, 200, 400, 800]);
         assert!(SlotHistory { consecutive: n, ..Default::default() }.crash_looping());
         // Running 9 s is not stable: the backoff goes on growing.
-        let (n2, delay) = next_backoff(n, Duration::from_secs(9));
+        let (n2, delay) = next_backoff(n, Duration::from_secs(9), MAX_DELAY);
         assert_eq!((n2, delay), (5, Duration::from_millis(1600)));
         // A replacement that ran 10 s was stable: back to the first delay.
-        let (n3, delay) = next_backoff(n2, STABLE_AFTER);
+        let (n3, delay) = next_backoff(n2, STABLE_AFTER, MAX_DELAY);
         assert_eq!((n3, delay), (1, FIRST_DELAY));
         assert!(!SlotHistory { consecutive: n3, ..Default::default() }.crash_looping());
     }
