@@ -123,7 +123,7 @@ pub struct InstanceView {
     pub last_exit: Option<SlotExit>,
 }
 
-/// What the supervisor remembers of an app's exits since the daemon started.
+/// What the supervisor knows of an app's exits (kept across daemon restarts).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Restarts {
     /// Instances replaced after an exit nobody asked for.
