@@ -72,6 +72,10 @@ pub struct DaemonArgs {
     /// Seconds an instance gets to exit after its stop signal, before SIGKILL.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
+    /// Longest wait before replacing an instance that keeps crashing (the wait starts at 100 ms
+    /// and doubles per quick crash): 500ms to 1h.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = restart_max_delay)]
+    restart_max_delay: u64,
     /// Take over from the daemon running on this --run-dir without refusing a connection: it
     /// hands over its API socket and exits, this one re-attaches to the instances and replaces
     /// the proxy process on the same listening sockets. For upgrades without systemd.
@@ -79,6 +83,15 @@ pub struct DaemonArgs {
     upgrade: bool,
     #[command(flatten)]
     proxy: ProxyFlags,
+}
+
+fn restart_max_delay(text: &str) -> Result<u64, String> {
+    let ms = crate::apps::parse_duration_ms(text)?;
+    if (500..=3_600_000).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(format!("invalid --restart-max-delay {text:?}: expected 500ms to 1h"))
+    }
 }
 
 pub fn main(args: DaemonArgs) -> ExitCode {
@@ -198,6 +211,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ready_timeout: Duration::from_secs(30),
         allow_binds: args.allow_binds.clone(),
         keep_revisions: args.keep_revisions,
+        restart_max_delay: Duration::from_millis(args.restart_max_delay),
         proxy_ports: proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.port()).collect(),
     };
     let events = Arc::new(crate::events::Events::open(&args.data_dir));

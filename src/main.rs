@@ -48,6 +48,11 @@ enum Command {
     #[command(after_help = "Examples:\n  deliverous logs web --tail 100\n  deliverous logs web -f --since 10m\n  \
         deliverous logs web --instance web.2 --timestamps")]
     Logs(cli::LogsArgs),
+    /// What happened to apps and instances: created, started, ready, exited (and why),
+    /// restarting (and when), crash loops, stopped, scaled, changed.
+    #[command(after_help = "Examples:\n  deliverous events --tail 20\n  deliverous events -f --app web\n  \
+        deliverous events --since 10m --json")]
+    Events(cli::EventsArgs),
     /// Print a shell completion script: `deliverous completions bash > /etc/bash_completion.d/deliverous`.
     Completions { shell: clap_complete::Shell },
     /// Named volumes: ls, rm.
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Logs(args) => with_client(&cli.host, |host| async move { cli::run_logs(&host, args).await }),
+        Command::Events(args) => with_client(&cli.host, |host| async move { cli::run_events(&host, args).await }),
         Command::Volume(cmd) => with_client(&cli.host, |host| async move { cli::run_volume(&host, cmd).await }),
         Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(cli::run_registry(cmd)),

@@ -239,8 +239,8 @@ fn a_bad_file_is_refused_with_where_and_why_and_changes_nothing() {
         ),
         (
             "restart.toml",
-            format!("[apps.web]\nimage = \"{image}\"\nport = 8080\nrestart = \"always\"\n"),
-            vec!["restart.toml:4:11: app web: restart policies are not supported yet"],
+            format!("[apps.web]\nimage = \"{image}\"\nport = 8080\nrestart = \"sometimes\"\n"),
+            vec!["restart.toml:4:11: app web: unknown variant `sometimes`, expected one of `always`, `on-failure`, `never`"],
         ),
         ("syntax.toml", format!("[apps.web]\nimage = \"{image}\nport = 8080\n"), vec!["syntax.toml:2:"]),
         (

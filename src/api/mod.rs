@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
+use crate::events::Kind;
 use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
 
 pub struct ApiError {
@@ -116,6 +117,9 @@ pub struct CreateApp {
     pub instances: Option<i64>,
     #[serde(default)]
     pub routing: RoutingPatch,
+    /// `always` (the default), `on-failure` or `never`.
+    #[serde(default)]
+    pub restart: Option<String>,
 }
 
 /// Proxy settings in a create or config request; only the fields present change.
@@ -225,6 +229,13 @@ pub struct ConfigPatch {
     pub remove_domains: Vec<String>,
     #[serde(default)]
     pub routing: RoutingPatch,
+    /// `always`, `on-failure` or `never`; changing it alone starts no new revision.
+    pub restart: Option<String>,
+}
+
+/// `always`, `on-failure`, `never`, or a 400 that says so.
+fn restart_policy(text: &str) -> Result<apps::RestartPolicy, ApiError> {
+    text.parse().map_err(ApiError::bad_request)
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +276,7 @@ pub struct AppView {
     pub domains: Vec<String>,
     pub hosts: Vec<String>,
     pub routing: apps::Routing,
+    pub restart: apps::RestartPolicy,
     pub instances_desired: u32,
     pub revision: Option<RevisionView>,
     pub instances: Vec<InstanceView>,
@@ -300,6 +312,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         domains: app.spec.domains.clone(),
         hosts: sup.hosts_of(app),
         routing: app.spec.routing.clone(),
+        restart: app.spec.restart,
         instances_desired: app.instances,
         revision,
         instances: sup.instances_of(&app.name),
@@ -307,6 +320,24 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         created_at: app.created_at.clone(),
         updated_at: app.updated_at.clone(),
     })
+}
+
+/// `env, memory` — the top-level settings that differ, for the `app_changed` event.
+fn changed_fields(a: &AppSpec, b: &AppSpec) -> String {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return "configuration".into();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed: Vec<&str> = keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(String::as_str).collect();
+    if changed.is_empty() {
+        "configuration".into()
+    } else {
+        changed.join(", ")
+    }
 }
 
 /// A raw TCP port belongs to one app, and is not the proxy's own.
@@ -404,6 +435,7 @@ async fn create_app(
         cap_add: normalize_caps(req.cap_add)?,
         cap_drop: normalize_caps(req.cap_drop)?,
         domains: req.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        restart: req.restart.as_deref().map(restart_policy).transpose()?.unwrap_or_default(),
         ..AppSpec::new(req.image, req.port)
     };
     let mut spec = spec;
@@ -422,6 +454,13 @@ async fn create_app(
         ));
     }
     let app = find(&sup, &req.name)?;
+    sup.forget_app(&app.name);
+    sup.events().emit(
+        Kind::AppCreated,
+        &app.name,
+        None,
+        format!("created from {} (port {}, {} instances, restart {})", spec.image, spec.port, instances, spec.restart),
+    );
     sup.publish_routes();
     Ok((StatusCode::CREATED, Json(view(&sup, &app)?)))
 }
@@ -462,8 +501,18 @@ async fn deploy(sup: &Arc<Supervisor>, mut app: App, spec: AppSpec) -> Result<Ap
 async fn start_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) -> ApiResult<AppView> {
     let _guard = sup.lock_app(&name).await;
     let app = find(&sup, &name)?;
+    let was_running = app.running;
     let spec = app.spec.clone();
+    // Starting is the operator's "now": slots left empty or backing off are filled at once.
+    sup.release_slots(&name, true);
     let app = deploy(&sup, app, spec).await?;
+    let how = if was_running { "already running; empty slots filled" } else { "started" };
+    sup.events().emit(
+        Kind::AppStarted,
+        &name,
+        None,
+        format!("{how}: {} instances, revision {}", app.instances, app.revision.unwrap_or(0)),
+    );
     Ok(Json(view(&sup, &app)?))
 }
 
@@ -473,6 +522,7 @@ async fn stop_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) 
     app.running = false;
     sup.store().update_app(&app)?;
     sup.converge(&name).await?;
+    sup.events().emit(Kind::AppStopped, &name, None, "stopped: every instance stopped");
     Ok(Json(view(&sup, &app)?))
 }
 
@@ -529,21 +579,34 @@ async fn config_app(
     }
     spec.domains.retain(|d| !patch.remove_domains.iter().any(|r| r.eq_ignore_ascii_case(d)));
     patch.routing.apply(&mut spec.routing)?;
+    if let Some(r) = &patch.restart {
+        spec.restart = restart_policy(r)?;
+    }
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
     check_tcp_ports(&sup, &name, &spec)?;
     if spec == app.spec {
         return Ok(Json(view(&sup, &app)?));
     }
-    // Routing alone changes nothing inside the instances: no new revision, no restart.
+    let what = changed_fields(&app.spec, &spec);
+    // A config change brings back slots the restart policy kept empty.
+    sup.release_slots(&name, false);
+    // Routing or the restart policy alone change nothing inside the instances: no new
+    // revision, no restart.
     let app = if app.running && !spec.same_but_routing(&app.spec) {
         deploy(&sup, app, spec).await?
     } else {
         app.spec = spec;
         sup.store().update_app(&app)?;
-        sup.publish_routes();
+        if app.running {
+            sup.converge(&name).await?;
+        } else {
+            sup.publish_routes();
+        }
         app
     };
+    let revision = app.revision.map(|r| format!(", revision {r}")).unwrap_or_default();
+    sup.events().emit(Kind::AppChanged, &name, None, format!("changed {what}{revision}"));
     Ok(Json(view(&sup, &app)?))
 }
 
@@ -555,11 +618,14 @@ async fn scale_app(
     let n = check_count(body(payload)?.instances)?;
     let _guard = sup.lock_app(&name).await;
     let mut app = find(&sup, &name)?;
+    let before = app.instances;
     app.instances = n;
     sup.store().update_app(&app)?;
+    sup.release_slots(&name, false);
     if app.running {
         sup.converge(&name).await?;
     }
+    sup.events().emit(Kind::Scaled, &name, None, format!("scaled from {before} to {n} instances"));
     Ok(Json(view(&sup, &app)?))
 }
 
@@ -571,6 +637,8 @@ async fn remove_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>
     sup.converge(&name).await?;
     let digests = sup.store().app_digests(&name)?;
     sup.store().delete_app(&name)?;
+    sup.forget_app(&name);
+    sup.events().emit(Kind::AppRemoved, &name, None, "removed");
     sup.publish_routes();
     sup.collect_garbage(&name, digests);
     Ok(StatusCode::NO_CONTENT)

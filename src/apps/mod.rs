@@ -57,6 +57,56 @@ pub struct AppSpec {
     /// How the proxy treats the app's traffic.
     #[serde(default, skip_serializing_if = "Routing::is_default")]
     pub routing: Routing,
+    /// Whether an instance that exits on its own is replaced.
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
+    pub restart: RestartPolicy,
+}
+
+/// What happens to an instance's slot when the instance exits without being asked to, as
+/// Docker's `--restart`. An instance stopped by the operator (stop, scale down, deploy) is never
+/// replaced whatever the policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Always replaced, with backoff.
+    #[default]
+    Always,
+    /// Replaced if it failed: a non-zero exit code, a signal, the OOM killer.
+    OnFailure,
+    /// Never replaced: the slot stays empty until `app start`, `app scale` or a config change.
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == RestartPolicy::Always
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "never" | "no" => Ok(RestartPolicy::Never),
+            _ => Err(format!("invalid restart policy {s:?}: expected always, on-failure or never")),
+        }
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Proxy settings of an app; each `None` is the proxy's default.
@@ -203,14 +253,18 @@ impl AppSpec {
             cap_drop: Vec::new(),
             domains: Vec::new(),
             routing: Routing::default(),
+            restart: RestartPolicy::default(),
         }
     }
 
-    /// The two specs differ only in how the proxy routes to the app: no new instances needed.
+    /// The two specs differ only in how the proxy routes to the app or in what the supervisor
+    /// does after an exit (the restart policy): nothing inside the instances changes, so no new
+    /// instances are needed.
     pub fn same_but_routing(&self, other: &AppSpec) -> bool {
         let mut a = self.clone();
         a.routing = other.routing.clone();
         a.domains = other.domains.clone();
+        a.restart = other.restart;
         &a == other
     }
 }
@@ -456,5 +510,20 @@ mod tests {
         s.cpus = None;
         s.image = "UPPER/Case::".into();
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn restart_policies() {
+        assert_eq!("on-failure".parse(), Ok(RestartPolicy::OnFailure));
+        assert_eq!("On_Failure".parse(), Ok(RestartPolicy::OnFailure));
+        assert_eq!("no".parse(), Ok(RestartPolicy::Never));
+        assert!("sometimes".parse::<RestartPolicy>().is_err());
+        let a = AppSpec::new("r/x:1", 80);
+        let b = AppSpec { restart: RestartPolicy::Never, ..a.clone() };
+        assert!(a.same_but_routing(&b), "a restart policy change needs no new instances");
+        // Specs stored before restart policies existed read as `always`, and equal.
+        let old: AppSpec = serde_json::from_str(r#"{"image":"r/x:1","port":80}"#).expect("parse");
+        assert_eq!(old, a);
+        assert!(!serde_json::to_string(&a).expect("json").contains("restart"));
     }
 }

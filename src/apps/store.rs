@@ -62,6 +62,12 @@ CREATE TABLE IF NOT EXISTS instances (
     ip TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS slots (
+    app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+    slot INTEGER NOT NULL,
+    history TEXT NOT NULL,
+    PRIMARY KEY (app, slot)
+);
 ";
 
 impl Store {
@@ -255,6 +261,26 @@ impl Store {
         self.conn().execute("DELETE FROM instances WHERE uid = ?1", params![uid])?;
         Ok(())
     }
+
+    /// Records what the supervisor knows of an app slot's exits (JSON: restart count, last
+    /// exit, whether the restart policy keeps it empty), so a restarted daemon knows it too.
+    /// Goes with the app.
+    pub fn save_slot(&self, app: &str, slot: u32, history: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO slots (app, slot, history) VALUES (?1, ?2, ?3)
+             ON CONFLICT (app, slot) DO UPDATE SET history = excluded.history",
+            params![app, slot, history],
+        )?;
+        Ok(())
+    }
+
+    /// Every recorded slot history: (app, slot, JSON).
+    pub fn slots(&self) -> Result<Vec<(String, u32, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT app, slot, history FROM slots")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
 }
 
 type RawRevision = (u32, String, String, String, String);
@@ -311,7 +337,12 @@ mod tests {
         let s = Store::open(&path).expect("reopen");
         assert_eq!(s.apps().expect("apps").len(), 1);
         assert_eq!(s.instances().expect("instances").len(), 3);
+        s.save_slot("web", 2, "{\"held\":false}").expect("slot");
+        s.save_slot("web", 2, "{\"held\":true}").expect("slot again");
+        assert_eq!(s.slots().expect("slots"), [("web".to_string(), 2, "{\"held\":true}".to_string())]);
+        assert!(s.save_slot("gone", 1, "{}").is_err(), "a slot belongs to an app");
         assert!(s.delete_app("web").expect("delete"));
+        assert!(s.slots().expect("slots").is_empty(), "slots go with their app");
         assert!(s.revision("web", 1).expect("query").is_none());
     }
 

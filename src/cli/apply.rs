@@ -18,8 +18,8 @@ use serde_json::{json, Map, Value};
 
 use super::client::{call, CallError, Host};
 use crate::apps::{
-    self, format_bytes, parse_bytes, parse_duration_ms, parse_tcp_port, AppSpec, Routing, DEFAULT_DRAIN_TIMEOUT_MS,
-    DEFAULT_PIDS, MAX_INSTANCES,
+    self, format_bytes, parse_bytes, parse_duration_ms, parse_tcp_port, AppSpec, RestartPolicy, Routing,
+    DEFAULT_DRAIN_TIMEOUT_MS, DEFAULT_PIDS, MAX_INSTANCES,
 };
 use crate::proxy::{Balance, HealthCheck, RouteOptions, TcpPort};
 
@@ -75,9 +75,9 @@ struct AppFile {
     cap_add: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     cap_drop: Vec<String>,
-    /// Refused: the daemon has no restart policy yet, and a key silently ignored would lie.
-    #[serde(default, skip_serializing)]
-    restart: Option<Unsupported>,
+    /// `always` (the default), `on-failure` or `never`.
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
+    restart: RestartPolicy,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,20 +235,6 @@ impl Serialize for Port {
     }
 }
 
-/// A key the file format reserves for a feature the daemon does not have yet.
-#[derive(Debug, Clone, PartialEq)]
-struct Unsupported;
-
-impl<'de> Deserialize<'de> for Unsupported {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        de::IgnoredAny::deserialize(d)?;
-        Err(de::Error::custom(
-            "restart policies are not supported yet: the daemon always replaces a crashed or OOM-killed \
-             instance, with backoff; remove `restart`",
-        ))
-    }
-}
-
 fn duration_text(ms: u64) -> String {
     match ms {
         0 => "0s".into(),
@@ -307,6 +293,7 @@ impl AppFile {
             cap_drop: caps(&self.cap_drop)?,
             domains,
             routing: self.routing()?,
+            restart: self.restart,
             ..AppSpec::new(self.image.clone(), self.port)
         };
         spec.validate()?;
@@ -386,7 +373,7 @@ impl AppFile {
             volumes: s.volumes.clone(),
             cap_add: s.cap_add.clone(),
             cap_drop: s.cap_drop.clone(),
-            restart: None,
+            restart: s.restart,
             env: s.env.clone(),
             health,
             proxy: (proxy != ProxyFile::default()).then_some(proxy),
@@ -508,6 +495,8 @@ struct View {
     domains: Vec<String>,
     #[serde(default)]
     routing: Routing,
+    #[serde(default)]
+    restart: RestartPolicy,
     instances_desired: u32,
 }
 
@@ -525,6 +514,7 @@ impl View {
             cap_drop: self.cap_drop.clone(),
             domains: self.domains.clone(),
             routing: self.routing.clone(),
+            restart: self.restart,
             ..AppSpec::new(self.image.clone(), self.port)
         };
         Declared { spec, instances: self.instances_desired, running: self.state == "running" }
@@ -682,6 +672,7 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
     if let Some(t) = b.stop_timeout {
         out.set("stop_timeout", a.stop_timeout.map_or("default".into(), |t| format!("{t}s")), format!("{t}s"));
     }
+    out.set("restart", a.restart.to_string(), b.restart.to_string());
     out.items("volume", &a.volumes, &b.volumes);
     out.items("cap_add", &a.cap_add, &b.cap_add);
     out.items("cap_drop", &a.cap_drop, &b.cap_drop);
@@ -820,6 +811,9 @@ fn config_patch(current: &AppSpec, desired: &AppSpec) -> Option<Value> {
     if let Some(t) = b.stop_timeout.filter(|t| a.stop_timeout != Some(*t)) {
         p.insert("stop_timeout".into(), json!(t));
     }
+    if a.restart != b.restart {
+        p.insert("restart".into(), json!(b.restart));
+    }
     for (key, x, y) in [
         ("volumes", &a.volumes, &b.volumes),
         ("cap_add", &a.cap_add, &b.cap_add),
@@ -864,6 +858,7 @@ fn create_body(name: &str, d: &Declared) -> Value {
         ("cpu_weight", s.cpu_weight.map(|w| json!(w))),
         ("pids", s.pids.map(|p| json!(p))),
         ("stop_timeout", s.stop_timeout.map(|t| json!(t))),
+        ("restart", (!s.restart.is_default()).then(|| json!(s.restart))),
     ] {
         if let Some(v) = v {
             body[key] = v;
@@ -1226,8 +1221,8 @@ tcp = [6379, "16379:6380"]
         let e = errors("[apps.web]\nimage = \"x:1\"\nport = 80\nmemory = \"12X\"\n");
         assert!(e[0].starts_with("f.toml:4:10: app web: invalid size \"12X\""), "{}", e[0]);
 
-        let e = errors("[apps.web]\nimage = \"x:1\"\nport = 80\nrestart = \"always\"\n");
-        assert!(e[0].contains("app web: restart policies are not supported yet"), "{}", e[0]);
+        let e = errors("[apps.web]\nimage = \"x:1\"\nport = 80\nrestart = \"sometimes\"\n");
+        assert!(e[0].contains("f.toml:4:11: app web: unknown variant `sometimes`"), "{}", e[0]);
 
         let e = errors("[apps.web]\nimage = \"x:1\nport = 80\n");
         assert!(e[0].starts_with("f.toml:2:"), "{}", e[0]);
@@ -1361,6 +1356,7 @@ tcp = [6379, "16379:6380"]
         web.spec.routing.balance = Balance::RoundRobin;
         web.spec.stop_timeout = Some(0);
         web.spec.cap_add = vec!["CAP_NET_ADMIN".into()];
+        web.spec.restart = RestartPolicy::OnFailure;
         web.running = false;
         let file = AppFile::of(&web);
         let text = toml::to_string(&BTreeMap::from([("apps", BTreeMap::from([("web", file)]))])).expect("toml");
@@ -1368,5 +1364,15 @@ tcp = [6379, "16379:6380"]
         assert_eq!(lines(&web, &back["web"]), Vec::<String>::new(), "{text}");
         assert!(text.contains("memory = \"95.4M\"") && text.contains("max_body = 1000001"), "{text}");
         assert!(text.contains("running = false") && text.contains("[apps.web.env]"), "{text}");
+        assert!(text.contains("restart = \"on-failure\""), "{text}");
+        // Back to the default: said in the plan, sent in the patch.
+        let mut always = web.clone();
+        always.spec.restart = RestartPolicy::Always;
+        assert!(
+            lines(&web, &always).contains(&"restart on-failure → always".to_string()),
+            "{:?}",
+            lines(&web, &always)
+        );
+        assert_eq!(config_patch(&web.spec, &always.spec), Some(json!({"restart": "always"})));
     }
 }

@@ -3,6 +3,7 @@
 
 mod apply;
 mod client;
+mod events;
 mod progress;
 mod registry;
 
@@ -15,6 +16,7 @@ use serde_json::{json, Map, Value};
 pub use apply::{run_apply, ApplyArgs};
 pub use client::Host;
 use client::{call, call_stream, CallError};
+pub use events::{run_events, EventsArgs};
 pub use registry::{run_registry, RegistryCommand};
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +119,11 @@ pub struct Settings {
     /// Capability to drop from the default set, e.g. NET_RAW or ALL (repeatable; "none" clears).
     #[arg(long = "cap-drop", value_name = "CAP")]
     cap_drop: Vec<String>,
+    /// What happens when an instance exits on its own: always (replaced, with backoff; the
+    /// default), on-failure (replaced unless it exited with code 0) or never (its slot stays
+    /// empty until `app start`, `app scale` or a config change).
+    #[arg(long, value_name = "POLICY", value_parser = ["always", "on-failure", "never"])]
+    restart: Option<String>,
     /// Extra host name routed to the app: example.com, *.example.com (every name below it),
     /// optionally with a path prefix: example.com/api (repeatable).
     #[arg(long = "domain", value_name = "DOMAIN")]
@@ -422,9 +429,11 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                             .as_array()
                             .map(|i| i.iter().filter(|x| x["state"] == "running").count())
                             .unwrap_or(0);
+                        let state =
+                            if a["restarts"]["crash_loop"] == true { "crash-loop".to_string() } else { s(&a["state"]) };
                         vec![
                             s(&a["name"]),
-                            s(&a["state"]),
+                            state,
                             format!("{running}/{}", a["instances_desired"]),
                             s(&a["image"]),
                             a["port"].to_string(),
@@ -559,6 +568,9 @@ fn add_settings(body: &mut Value, settings: &Settings) {
     }
     if let Some(t) = settings.stop_timeout {
         body["stop_timeout"] = json!(t);
+    }
+    if let Some(r) = &settings.restart {
+        body["restart"] = json!(r);
     }
     for (key, given) in [("cap_add", &settings.cap_add), ("cap_drop", &settings.cap_drop)] {
         if !given.is_empty() {
@@ -698,6 +710,7 @@ fn show(app: &Value) {
         ("cap_drop", list(&app["cap_drop"])),
         ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ("routing", routing_summary(&app["routing"])),
+        ("restart", app["restart"].as_str().unwrap_or("always").to_string()),
         ("instances", s(&app["instances_desired"])),
         (
             "revision",
@@ -706,25 +719,17 @@ fn show(app: &Value) {
                 None => "-".into(),
             },
         ),
-        (
-            "restarts",
-            match app["restarts"]["last_exit"].as_str() {
-                Some(last) => {
-                    format!("{} (last: {last} at {})", app["restarts"]["count"], s(&app["restarts"]["last_exit_at"]))
-                }
-                None => app["restarts"]["count"].to_string(),
-            },
-        ),
+        ("restarts", restarts_summary(&app["restarts"])),
     ];
     for (k, v) in lines {
         println!("{:<10} {v}", format!("{k}:"));
     }
-    let rows: Vec<Vec<String>> = app["instances"]
+    let mut rows: Vec<(u64, Vec<String>)> = app["instances"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|i| {
-            vec![
+            let row = vec![
                 s(&i["name"]),
                 s(&i["id"]),
                 s(&i["ip"]),
@@ -732,12 +737,60 @@ fn show(app: &Value) {
                 s(&i["revision"]),
                 s(&i["pid"]),
                 s(&i["started_at"]),
-            ]
+                i["restarts"].as_u64().unwrap_or(0).to_string(),
+                last_exit(&i["last_exit"]),
+            ];
+            (i["slot"].as_u64().unwrap_or(0), row)
         })
         .collect();
+    // Slots without an instance: backing off, or left empty by the restart policy.
+    for e in app["restarts"]["exited"].as_array().into_iter().flatten() {
+        let state = if e["crash_loop"] == true { "crash-loop".to_string() } else { s(&e["state"]) };
+        let row = vec![
+            s(&e["name"]),
+            "-".into(),
+            "-".into(),
+            state,
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            e["restarts"].as_u64().unwrap_or(0).to_string(),
+            last_exit(&e["last_exit"]),
+        ];
+        rows.push((e["slot"].as_u64().unwrap_or(0), row));
+    }
+    rows.sort_by_key(|r| r.0);
     if !rows.is_empty() {
         println!();
-        table(&["INSTANCE", "ID", "IP", "STATE", "REVISION", "PID", "STARTED"], rows);
+        table(
+            &["INSTANCE", "ID", "IP", "STATE", "REVISION", "PID", "STARTED", "RESTARTS", "LAST EXIT"],
+            rows.into_iter().map(|r| r.1).collect(),
+        );
+    }
+}
+
+/// `3 (last: exited with code 1 at …)`, with `CRASH LOOP` while a slot crash-loops.
+fn restarts_summary(r: &Value) -> String {
+    let mut text = r["count"].as_u64().unwrap_or(0).to_string();
+    let message = r["last_exit_message"].as_str().or(r["last_exit"].as_str());
+    if let Some(last) = message {
+        text.push_str(&format!(" (last: {last} at {})", s(&r["last_exit_at"])));
+    }
+    if r["crash_loop"] == true {
+        text.push_str(" CRASH LOOP: backing off");
+    }
+    text
+}
+
+/// `exited with code 1 (12:01:02)` or `-`.
+fn last_exit(e: &Value) -> String {
+    match e["message"].as_str() {
+        Some(m) => {
+            let at = s(&e["at"]);
+            let time = at.split('T').nth(1).map(|t| t.trim_end_matches('Z')).unwrap_or(&at).to_string();
+            format!("{m} ({time})")
+        }
+        None => "-".into(),
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use super::{lock, Live, State, Supervisor, SupervisorError};
 use crate::apps::store::InstanceRow;
 use crate::apps::{self, App, Revision};
+use crate::events::Kind;
 
 /// Signal numbers for the names images use in `STOPSIGNAL`.
 pub fn parse_signal(name: Option<&str>) -> i32 {
@@ -97,12 +98,19 @@ impl Supervisor {
                 state: State::Starting,
                 pid: Some(pid),
                 stop_requested: false,
+                started: std::time::Instant::now(),
                 stop_signal,
                 stop_grace: self.settings.grace(&rev.spec),
                 done: done_rx,
             },
         );
         tracing::info!(app = %app.name, "instance {}.{slot} ({uid}) started, pid {pid}, ip {}", app.name, row.ip);
+        self.events.emit(
+            Kind::InstanceStarted,
+            &app.name,
+            Some(&format!("{}.{slot}", app.name)),
+            format!("started {uid} (revision {}, pid {pid}, ip {})", rev.number, row.ip),
+        );
         let started_at = began.elapsed();
         self.spawn_watcher(row.clone(), done_tx);
         self.wait_ready(&uid, SocketAddr::from((row.ip, rev.spec.port))).await;
@@ -292,10 +300,19 @@ impl Supervisor {
             }
             let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await;
             if let Ok(Ok(_)) = attempt {
-                if let Some(l) = lock(&self.live).get_mut(uid).filter(|l| l.state == State::Starting) {
+                let ready = lock(&self.live).get_mut(uid).filter(|l| l.state == State::Starting).map(|l| {
                     l.state = State::Ready;
-                }
+                    (l.row.app.clone(), l.row.slot)
+                });
                 self.publish_routes();
+                if let Some((app, slot)) = ready {
+                    self.events.emit(
+                        Kind::InstanceReady,
+                        &app,
+                        Some(&format!("{app}.{slot}")),
+                        format!("{uid} accepts connections on {addr}: in rotation"),
+                    );
+                }
                 return true;
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -321,13 +338,14 @@ impl Supervisor {
                 None => read_exit_file(&me.settings.instance_dir(&row.uid).join("exit.json")),
             };
             let shim_lost = exit.is_none();
-            let requested = {
+            let (requested, uptime) = {
                 let mut live = lock(&me.live);
                 let requested = live.get(&row.uid).map(|l| l.stop_requested).unwrap_or(true);
+                let uptime = live.get(&row.uid).map(|l| l.started.elapsed()).unwrap_or_default();
                 if let Some(l) = live.get_mut(&row.uid) {
                     l.state = State::Stopping;
                 }
-                requested
+                (requested, uptime)
             };
             me.publish_routes();
             if let Some(e) = &exit {
@@ -336,7 +354,7 @@ impl Supervisor {
             me.release(&row, shim_lost).await;
             lock(&me.live).remove(&row.uid);
             let _ = done.send(true);
-            me.after_exit(&row, exit.map(|e| e.reason()), requested);
+            me.after_exit(&row, exit, requested, uptime);
         });
     }
 
@@ -439,6 +457,7 @@ impl Supervisor {
     /// At start-up: re-attach to the shims of instances that still run, free what is left of
     /// the others, then converge every app.
     pub async fn recover(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        self.load_slots()?;
         for row in self.store.instances()? {
             let socket = self.settings.shim_socket(&row.uid);
             let state = send_request(&socket, &Request::State, Some(Duration::from_secs(2))).await;
@@ -469,6 +488,7 @@ impl Supervisor {
                             state: if accepts { State::Ready } else { State::Starting },
                             pid,
                             stop_requested: false,
+                            started: std::time::Instant::now(),
                             stop_signal,
                             stop_grace: self.settings.grace(&rev.spec),
                             done: done_rx,
@@ -484,6 +504,12 @@ impl Supervisor {
                 _ => {
                     tracing::info!("instance {}.{} ({}) did not survive; cleaning up", row.app, row.slot, row.uid);
                     self.release(&row, true).await;
+                    self.events.emit(
+                        Kind::InstanceExited,
+                        &row.app,
+                        Some(&format!("{}.{}", row.app, row.slot)),
+                        format!("{} did not survive the daemon's absence (host reboot or crash); cleaned up", row.uid),
+                    );
                 }
             }
         }

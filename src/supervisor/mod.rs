@@ -3,6 +3,10 @@
 //! shims, replaces crashed ones with backoff, and publishes the proxy's route table.
 
 mod instance;
+mod restart;
+
+use restart::SlotHistory;
+pub use restart::{ExitReason, ExitedSlot, SlotExit};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use deliverous_images::{Image, ImageStore, PullOptions, Reference};
 use deliverous_runtime::network::HostNetwork;
+use deliverous_runtime::shim::protocol::ExitStatus;
 use deliverous_runtime::volume;
 use serde::Serialize;
 use tokio::sync::{watch, OwnedMutexGuard};
@@ -40,6 +45,8 @@ pub struct Settings {
     /// Revisions kept per app for rollback; older ones, and images only they used, are
     /// collected.
     pub keep_revisions: u32,
+    /// The longest wait before replacing an instance that keeps crashing.
+    pub restart_max_delay: Duration,
     /// The proxy's own listening ports (an app cannot publish them as TCP ports).
     pub proxy_ports: Vec<u16>,
 }
@@ -111,14 +118,29 @@ pub struct InstanceView {
     pub state: &'static str,
     pub pid: Option<i32>,
     pub started_at: String,
+    /// Replacements made so far for this instance's slot.
+    pub restarts: u32,
+    /// How the slot's previous instance ended, if one did on its own.
+    pub last_exit: Option<SlotExit>,
 }
 
-/// What the supervisor remembers of an app's crashes.
+/// What the supervisor knows of an app's exits (kept across daemon restarts).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Restarts {
+    /// Instances replaced after an exit nobody asked for.
     pub count: u32,
+    /// `exit 1`, `signal 9`, `oom`, `shim lost`.
     pub last_exit: Option<String>,
+    /// The same as data: `{"code":1}`, `{"signal":"SIGKILL"}`, `{"oom":true}`.
+    pub last_exit_reason: Option<ExitReason>,
+    /// `exited with code 1`, `killed by SIGKILL`.
+    pub last_exit_message: Option<String>,
     pub last_exit_at: Option<String>,
+    /// Some slot crashed quickly several times in a row and is backing off.
+    pub crash_loop: bool,
+    /// Slots without an instance after an exit: backing off, or kept empty by the restart policy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exited: Vec<ExitedSlot>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -133,6 +155,9 @@ struct Live {
     state: State,
     pid: Option<i32>,
     stop_requested: bool,
+    /// When this daemon started (or re-attached to) it: a crash after a long run is not part of
+    /// a crash loop.
+    started: Instant,
     stop_signal: i32,
     /// How long the stop signal has before SIGKILL.
     stop_grace: Duration,
@@ -148,9 +173,8 @@ pub struct Supervisor {
     events: Arc<Events>,
     live: Mutex<HashMap<String, Live>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    restarts: Mutex<HashMap<String, Restarts>>,
-    /// Consecutive quick crashes per app slot, for the restart backoff.
-    backoff: Mutex<HashMap<(String, u32), (u32, Instant)>>,
+    /// Exits, backoff and restart-policy holds per app slot.
+    slots: Mutex<HashMap<(String, u32), SlotHistory>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,8 +199,7 @@ impl Supervisor {
             events,
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
-            restarts: Mutex::new(HashMap::new()),
-            backoff: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
         })
     }
 
@@ -286,6 +309,8 @@ impl Supervisor {
     }
 
     pub fn instances_of(&self, app: &str) -> Vec<InstanceView> {
+        let slots = lock(&self.slots).clone();
+        let history = |slot: u32| slots.get(&(app.to_string(), slot));
         let mut v: Vec<InstanceView> = lock(&self.live)
             .values()
             .filter(|l| l.row.app == app)
@@ -302,14 +327,114 @@ impl Supervisor {
                 },
                 pid: l.pid,
                 started_at: l.row.created_at.clone(),
+                restarts: history(l.row.slot).map_or(0, |h| h.restarts),
+                last_exit: history(l.row.slot).and_then(|h| h.last_exit.clone()),
             })
             .collect();
         v.sort_by(|a, b| (a.slot, &a.started_at).cmp(&(b.slot, &b.started_at)));
         v
     }
 
+    /// The app's exits: totals, the last one, and the slots left without an instance. A slot
+    /// is in a crash loop from its [`restart::CRASH_LOOP_AFTER`]th quick crash in a row until
+    /// its instance has run [`restart::STABLE_AFTER`].
     pub fn restarts_of(&self, app: &str) -> Restarts {
-        lock(&self.restarts).get(app).cloned().unwrap_or_default()
+        let desired = self.store.app(app).ok().flatten().filter(|a| a.running).map_or(0, |a| a.instances);
+        let live = lock(&self.live);
+        let slots = lock(&self.slots);
+        let mut r = Restarts::default();
+        let mut exited = Vec::new();
+        let mut last: Option<&SlotExit> = None;
+        for ((name, slot), h) in slots.iter().filter(|((name, _), _)| name == app) {
+            r.count += h.restarts;
+            if let Some(e) = &h.last_exit {
+                if last.is_none_or(|l| e.at > l.at) {
+                    last = Some(e);
+                }
+            }
+            if *slot > desired {
+                continue;
+            }
+            let mut in_slot = live.values().filter(|l| l.row.app == *name && l.row.slot == *slot && !l.stop_requested);
+            let stable = in_slot.clone().any(|l| l.started.elapsed() >= restart::STABLE_AFTER);
+            let crash_loop = h.crash_looping() && !stable;
+            r.crash_loop |= crash_loop;
+            if in_slot.next().is_none() {
+                exited.push(ExitedSlot {
+                    name: format!("{name}.{slot}"),
+                    slot: *slot,
+                    state: if h.held { "exited" } else { "restarting" },
+                    restarts: h.restarts,
+                    crash_loop,
+                    last_exit: h.last_exit.clone(),
+                });
+            }
+        }
+        if let Some(e) = last {
+            r.last_exit = Some(e.reason.short());
+            r.last_exit_reason = Some(e.reason.clone());
+            r.last_exit_message = Some(e.message.clone());
+            r.last_exit_at = Some(e.at.clone());
+        }
+        exited.sort_by_key(|e| e.slot);
+        r.exited = exited;
+        r
+    }
+
+    /// Keeps a slot's history in the state database (best effort: it is also in memory).
+    fn save_slot(&self, app: &str, slot: u32, history: &SlotHistory) {
+        let saved = serde_json::to_string(history)
+            .map_err(|e| e.to_string())
+            .and_then(|json| self.store.save_slot(app, slot, &json).map_err(|e| e.to_string()));
+        if let Err(e) = saved {
+            tracing::warn!(app, slot, "cannot record the exit history of {app}.{slot}: {e}");
+        }
+    }
+
+    /// At start-up: the slot histories a previous daemon recorded.
+    fn load_slots(&self) -> Result<(), SupervisorError> {
+        let mut slots = lock(&self.slots);
+        for (app, slot, json) in self.store.slots()? {
+            match serde_json::from_str::<SlotHistory>(&json) {
+                Ok(h) => {
+                    slots.insert((app, slot), h);
+                }
+                Err(e) => tracing::warn!(app, slot, "ignoring an unreadable exit history of {app}.{slot}: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// An operator brought the app back (`app start`, `scale`, a config change): slots the
+    /// restart policy kept empty are filled again; with `now`, slots backing off too.
+    pub fn release_slots(&self, app: &str, now: bool) {
+        let mut released = Vec::new();
+        for ((name, slot), h) in lock(&self.slots).iter_mut() {
+            if name == app {
+                if h.held {
+                    h.held = false;
+                    released.push((*slot, h.clone()));
+                }
+                if now {
+                    h.not_before = None;
+                }
+            }
+        }
+        for (slot, h) in released {
+            self.save_slot(app, slot, &h);
+        }
+    }
+
+    /// The app is gone: so is its history (a new app of the same name starts afresh; the
+    /// database drops it with the app).
+    pub fn forget_app(&self, app: &str) {
+        lock(&self.slots).retain(|(name, _), _| name != app);
+    }
+
+    /// Whether converging must leave `slot` empty for now (backing off, or held by the
+    /// restart policy).
+    fn slot_waiting(&self, app: &str, slot: u32) -> bool {
+        lock(&self.slots).get(&(app.to_string(), slot)).is_some_and(|h| h.waiting(Instant::now()))
     }
 
     pub fn live_count(&self) -> usize {
@@ -395,7 +520,9 @@ impl Supervisor {
                     replace.push((slot, Some(c.0.clone()), false));
                 }
             } else if in_slot.is_empty() {
-                fresh.push(slot);
+                if !self.slot_waiting(name, slot) {
+                    fresh.push(slot);
+                }
             } else {
                 for c in in_slot {
                     replace.push((slot, Some(c.0.clone()), true));
@@ -440,53 +567,128 @@ impl Supervisor {
         }
     }
 
-    /// Called when an instance is gone (exited, killed or stopped) and its resources are freed.
-    fn after_exit(self: &Arc<Self>, row: &InstanceRow, exit_reason: Option<String>, requested: bool) {
+    /// Called when an instance is gone (exited, killed or stopped) and its resources are freed:
+    /// records how it ended and, for an exit nobody asked for, has the slot refilled after the
+    /// backoff if the restart policy wants it.
+    fn after_exit(self: &Arc<Self>, row: &InstanceRow, status: Option<ExitStatus>, requested: bool, uptime: Duration) {
         self.publish_routes();
+        let instance = format!("{}.{}", row.app, row.slot);
+        let reason = ExitReason::of(status.as_ref());
         if requested {
+            let how = if status.is_some() { reason.describe() } else { "gone".to_string() };
+            self.events.emit(Kind::InstanceStopped, &row.app, Some(&instance), format!("stopped ({how})"));
             return;
         }
-        let reason = exit_reason.unwrap_or_else(|| "shim lost".to_string());
-        tracing::warn!(app = %row.app, slot = row.slot, "instance {}.{} exited unexpectedly: {reason}", row.app, row.slot);
-        self.events.emit(
-            Kind::InstanceExited,
-            &row.app,
-            Some(&format!("{}.{}", row.app, row.slot)),
-            format!("exited unexpectedly: {reason}"),
-        );
-        {
-            let mut r = lock(&self.restarts);
-            let entry = r.entry(row.app.clone()).or_default();
-            entry.count += 1;
-            entry.last_exit = Some(reason);
-            entry.last_exit_at = Some(crate::apps::now());
-        }
-        let delay = {
-            let mut b = lock(&self.backoff);
-            let e = b.entry((row.app.clone(), row.slot)).or_insert((0, Instant::now()));
-            // A stable run resets the backoff.
-            if e.1.elapsed() > Duration::from_secs(30) {
-                e.0 = 0;
+        tracing::warn!(app = %row.app, slot = row.slot, "instance {instance} exited unexpectedly: {}", reason.short());
+        let app = self.store.app(&row.app).ok().flatten();
+        let policy = app.as_ref().map(|a| a.spec.restart).unwrap_or_default();
+        // The slot is still wanted: the app runs and was not scaled below it meanwhile.
+        let wanted = app.as_ref().is_some_and(|a| a.running && row.slot <= a.instances);
+        let replace = wanted && restart::wants_replacement(policy, &reason);
+        let exit = SlotExit { reason: reason.clone(), message: reason.describe(), at: crate::apps::now() };
+        let (consecutive, delay, history) = {
+            let mut slots = lock(&self.slots);
+            let h = slots.entry((row.app.clone(), row.slot)).or_default();
+            h.last_exit = Some(exit.clone());
+            let (consecutive, delay) = restart::next_backoff(h.consecutive, uptime, self.settings.restart_max_delay);
+            if replace {
+                h.consecutive = consecutive;
+                h.restarts += 1;
+                h.held = false;
+                h.not_before = Some(Instant::now() + delay);
+            } else {
+                h.held = wanted;
             }
-            let d = restart_delay(e.0);
-            e.0 += 1;
-            e.1 = Instant::now();
-            d
+            (consecutive, delay, h.clone())
         };
-        let instance = format!("{}.{}", row.app, row.slot);
-        self.events.emit(Kind::InstanceRestarting, &row.app, Some(&instance), format!("replaced in {delay:?}"));
+        if app.is_some() {
+            self.save_slot(&row.app, row.slot, &history);
+        }
+        let restarts = history.restarts;
+        let mut message = format!("exited unexpectedly: {} after {}", exit.message, human(uptime));
+        if wanted && !replace {
+            message.push_str(&format!("; not replaced (restart policy {policy})"));
+        }
+        self.events.emit(Kind::InstanceExited, &row.app, Some(&instance), message);
+        if !replace {
+            return;
+        }
+        if consecutive == restart::CRASH_LOOP_AFTER {
+            self.events.emit(
+                Kind::CrashLoop,
+                &row.app,
+                Some(&instance),
+                format!(
+                    "crashed {consecutive} times in a row, each within {}; backing off",
+                    human(restart::STABLE_AFTER)
+                ),
+            );
+        }
+        self.events.emit(
+            Kind::InstanceRestarting,
+            &row.app,
+            Some(&instance),
+            format!("replaced in {} (restart {restarts}, {consecutive} quick crashes in a row)", human(delay)),
+        );
         let me = self.clone();
-        let app = row.app.clone();
+        let (app, slot) = (row.app.clone(), row.slot);
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            me.converge_locked(&app).await;
+            let mut delay = delay;
+            loop {
+                tokio::time::sleep(delay).await;
+                let result = {
+                    let _guard = me.lock_app(&app).await;
+                    me.converge(&app).await
+                };
+                let Err(e) = result else { return };
+                tracing::warn!(app = %app, "replacing {app}.{slot}: {e}");
+                // The replacement could not start (image gone, no address left…): the slot
+                // stays in the backoff, and is tried again later.
+                match me.retry_delay(&app, slot) {
+                    Some(d) => {
+                        me.events.emit(
+                            Kind::InstanceRestarting,
+                            &app,
+                            Some(&format!("{app}.{slot}")),
+                            format!("could not start ({e}); next try in {}", human(d)),
+                        );
+                        delay = d;
+                    }
+                    None => return,
+                }
+            }
         });
+    }
+
+    /// After a failed replacement of `slot`: the wait before the next try, if the slot is still
+    /// wanted and still empty.
+    fn retry_delay(&self, app: &str, slot: u32) -> Option<Duration> {
+        let wanted = self.store.app(app).ok().flatten().is_some_and(|a| a.running && slot <= a.instances);
+        let filled = lock(&self.live).values().any(|l| l.row.app == app && l.row.slot == slot && !l.stop_requested);
+        if !wanted || filled {
+            return None;
+        }
+        let mut slots = lock(&self.slots);
+        let h = slots.get_mut(&(app.to_string(), slot)).filter(|h| !h.held)?;
+        let (consecutive, delay) =
+            restart::next_backoff(h.consecutive, Duration::ZERO, self.settings.restart_max_delay);
+        h.consecutive = consecutive;
+        h.not_before = Some(Instant::now() + delay);
+        Some(delay)
     }
 }
 
-/// 100 ms, doubling per consecutive crash, capped at 30 s.
-pub fn restart_delay(consecutive: u32) -> Duration {
-    Duration::from_millis(100u64.saturating_mul(1u64 << consecutive.min(9))).min(Duration::from_secs(30))
+/// `100ms`, `1.6s`, `30s`, `2m5s`.
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = format!("{:.1}", ms as f64 / 1000.0);
+        format!("{}s", s.trim_end_matches(".0"))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
 }
 
 #[cfg(test)]
@@ -494,9 +696,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(restart_delay(0), Duration::from_millis(100));
-        assert_eq!(restart_delay(3), Duration::from_millis(800));
-        assert_eq!(restart_delay(50), Duration::from_secs(30));
+    fn durations_for_people() {
+        assert_eq!(human(Duration::from_millis(100)), "100ms");
+        assert_eq!(human(Duration::from_millis(1600)), "1.6s");
+        assert_eq!(human(Duration::from_secs(30)), "30s");
+        assert_eq!(human(Duration::from_secs(125)), "2m5s");
     }
 }

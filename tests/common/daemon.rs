@@ -372,6 +372,53 @@ impl Daemon {
         self.wait_ready();
     }
 
+    /// Simulates a host reboot: the daemon is stopped (SIGTERM, as at shutdown), every process
+    /// it started (shims, containers) is SIGKILLed by PID, and what a reboot takes away goes:
+    /// the run dir's contents (a tmpfs), mounts (instances' overlays, netns bind mounts), the
+    /// instances' cgroups, the bridge, the veths and the nft table. The data dir stays. Then a
+    /// new daemon starts on the same dirs, names and flags; this waits until it answers.
+    pub fn reboot(&mut self) {
+        self.terminate();
+        QUIET.with(|q| q.set(true));
+        kill_processes(&self.names);
+        unmount_under(&self.names.dir);
+        remove_links(&self.names);
+        remove_netns(&self.names);
+        remove_nft_table(&self.names.nft_table);
+        remove_cgroups(&self.names.cgroup_parent);
+        QUIET.with(|q| q.set(false));
+        let remaining = mounts_under(&self.names.dir);
+        assert!(remaining.is_empty(), "reboot simulation: mounts survive: {remaining:?}");
+        if let Ok(entries) = std::fs::read_dir(self.run_dir()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if let Err(e) = removed {
+                    panic!("reboot simulation: cannot remove {}: {e}", path.display());
+                }
+            }
+        }
+        let mut log = std::fs::OpenOptions::new().append(true).open(&self.log).expect("open daemon log");
+        let _ = std::io::Write::write_all(&mut log, b"=== harness: simulated host reboot ===\n");
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Starts `deliverous ARGS...` (e.g. `events --follow`) with stdout piped, without waiting;
+    /// the caller kills it (by its PID, through [`Child::kill`]) when done.
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run deliverous {}: {e}", args.join(" ")))
+    }
+
     /// Best effort, through the product itself: remove every app so that what remains after the
     /// daemon stops is a leak, not an app that was meant to outlive the daemon.
     fn remove_apps(&self) {
@@ -483,8 +530,15 @@ fn list_links() -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // Safety net
 
+thread_local! {
+    /// Set while [`Daemon::reboot`] removes things on purpose: they are not leaks.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn warn(what: &str) {
-    eprintln!("harness: WARNING: safety net removed leftover {what}");
+    if !QUIET.with(|q| q.get()) {
+        eprintln!("harness: WARNING: safety net removed leftover {what}");
+    }
 }
 
 /// Removes what carries `names` after the daemon stopped. Returns false if mounts remain under
@@ -492,6 +546,15 @@ fn warn(what: &str) {
 fn safety_net(names: &DaemonNames) -> bool {
     kill_processes(names);
     unmount_under(&names.dir);
+    remove_links(names);
+    remove_netns(names);
+    remove_nft_table(&names.nft_table);
+    remove_cgroups(&names.cgroup_parent);
+    mounts_under(&names.dir).is_empty()
+}
+
+/// The daemon's veths and its bridge.
+fn remove_links(names: &DaemonNames) {
     for link in list_links() {
         // Deleting one end of a veth pair deletes the other: check it still exists.
         if link.starts_with(&names.veth_prefix)
@@ -504,10 +567,6 @@ fn safety_net(names: &DaemonNames) -> bool {
     if Path::new("/sys/class/net").join(&names.bridge).exists() && run(&["ip", "link", "del", &names.bridge]) {
         warn(&format!("bridge {}", names.bridge));
     }
-    remove_netns(names);
-    remove_nft_table(&names.nft_table);
-    remove_cgroups(&names.cgroup_parent);
-    mounts_under(&names.dir).is_empty()
 }
 
 /// Runs a command quietly; true if it succeeded.

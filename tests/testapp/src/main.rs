@@ -33,7 +33,8 @@
 //! `PEER METHOD TARGET STATUS` on stdout. Connections are kept alive between requests (HTTP/1.1
 //! unless `Connection: close`; HTTP/1.0 with `Connection: keep-alive`) and closed after 30 s idle.
 //! One thread per connection. With `TCP_PORT` set, that port also serves a TCP echo that first
-//! sends `<hostname>\n` (see `tcp_echo.rs`). `PORT` (default 8080) is the HTTP port.
+//! sends `<hostname>\n` (see `tcp_echo.rs`). `PORT` (default 8080) is the HTTP port. With
+//! `EXIT_AT_START=N` it exits with code N at once, serving nothing.
 
 mod digest;
 mod http;
@@ -74,6 +75,11 @@ fn main() {
     unsafe {
         signal(SIGTERM, on_terminate as extern "C" fn(i32) as usize);
         signal(SIGINT, on_terminate as extern "C" fn(i32) as usize);
+    }
+    // A process that cannot start (crash-loop tests).
+    if let Some(code) = std::env::var("EXIT_AT_START").ok().and_then(|c| c.parse::<i32>().ok()) {
+        println!("testapp: exiting at start with code {code} (EXIT_AT_START)");
+        std::process::exit(code);
     }
     if std::env::var("UNHEALTHY_AT_START").as_deref() == Ok("1") {
         routes::set_healthy(false);
