@@ -1,6 +1,7 @@
 //! The app model: what an operator declares (`AppSpec`), the immutable revisions a deploy moves
 //! between, and the validation rules for names and values. Persistence is in `store`.
 
+pub mod rollout;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,9 @@ pub struct AppSpec {
     /// How the proxy treats the app's traffic.
     #[serde(default, skip_serializing_if = "Routing::is_default")]
     pub routing: Routing,
+    /// How deploys replace instances and when an unhealthy instance is replaced.
+    #[serde(default, skip_serializing_if = "rollout::Rollout::is_default")]
+    pub rollout: rollout::Rollout,
 }
 
 /// Proxy settings of an app; each `None` is the proxy's default.
@@ -203,6 +207,7 @@ impl AppSpec {
             cap_drop: Vec::new(),
             domains: Vec::new(),
             routing: Routing::default(),
+            rollout: rollout::Rollout::default(),
         }
     }
 
@@ -211,6 +216,7 @@ impl AppSpec {
         let mut a = self.clone();
         a.routing = other.routing.clone();
         a.domains = other.domains.clone();
+        a.rollout = other.rollout.clone();
         &a == other
     }
 }
@@ -347,6 +353,7 @@ impl AppSpec {
         for d in &self.domains {
             validate_domain(d)?;
         }
+        self.rollout.validate()?;
         self.routing.validate()
     }
 }
