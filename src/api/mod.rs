@@ -1,6 +1,8 @@
 //! The HTTP API under `/v1`: validates requests, turns them into changes of desired state,
 //! asks the supervisor to converge, and maps every failure to a status and a message.
 
+mod deploys;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -116,6 +118,8 @@ pub struct CreateApp {
     pub instances: Option<i64>,
     #[serde(default)]
     pub routing: RoutingPatch,
+    #[serde(default)]
+    pub rollout: deploys::RolloutPatch,
 }
 
 /// Proxy settings in a create or config request; only the fields present change.
@@ -225,6 +229,8 @@ pub struct ConfigPatch {
     pub remove_domains: Vec<String>,
     #[serde(default)]
     pub routing: RoutingPatch,
+    #[serde(default)]
+    pub rollout: deploys::RolloutPatch,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +271,9 @@ pub struct AppView {
     pub domains: Vec<String>,
     pub hosts: Vec<String>,
     pub routing: apps::Routing,
+    pub rollout: apps::rollout::Rollout,
+    /// The latest deploy or rollback and how it ended.
+    pub last_deploy: Option<apps::store::Deploy>,
     pub instances_desired: u32,
     pub revision: Option<RevisionView>,
     pub instances: Vec<InstanceView>,
@@ -300,6 +309,8 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         domains: app.spec.domains.clone(),
         hosts: sup.hosts_of(app),
         routing: app.spec.routing.clone(),
+        rollout: app.spec.rollout.clone(),
+        last_deploy: sup.store().deploys(&app.name)?.pop(),
         instances_desired: app.instances,
         revision,
         instances: sup.instances_of(&app.name),
@@ -367,6 +378,9 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/stop", post(stop_app))
         .route("/v1/apps/{name}/scale", put(scale_app))
         .route("/v1/apps/{name}/logs", get(app_logs))
+        .route("/v1/apps/{name}/deploy", post(deploys::deploy_app))
+        .route("/v1/apps/{name}/rollback", post(deploys::rollback_app))
+        .route("/v1/apps/{name}/revisions", get(deploys::revisions))
         .route("/v1/events", get(events))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
@@ -408,6 +422,7 @@ async fn create_app(
     };
     let mut spec = spec;
     req.routing.apply(&mut spec.routing)?;
+    req.rollout.apply(&mut spec.rollout);
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
     check_tcp_ports(&sup, &req.name, &spec)?;
@@ -439,6 +454,10 @@ async fn show_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) 
 async fn deploy(sup: &Arc<Supervisor>, mut app: App, spec: AppSpec) -> Result<App, ApiError> {
     let image = sup.resolve_image(&spec.image).await?;
     let rev = sup.store().revision_for(&app.name, &image.reference, &image.digest, &spec)?;
+    if app.running && app.revision != Some(rev.number) {
+        // A running app moves instance by instance, each ready before an old one goes.
+        return sup.deploy_revision(app, &rev, "deploy").await.map_err(ApiError::from);
+    }
     let previous = (app.spec.clone(), app.revision, app.running);
     app.spec = spec;
     app.revision = Some(rev.number);
@@ -484,7 +503,25 @@ async fn config_app(
     let patch = body(payload)?;
     let _guard = sup.lock_app(&name).await;
     let mut app = find(&sup, &name)?;
-    let mut spec = app.spec.clone();
+    let spec = patched(&sup, &name, &app.spec, patch)?;
+    if spec == app.spec {
+        return Ok(Json(view(&sup, &app)?));
+    }
+    // Routing alone changes nothing inside the instances: no new revision, no restart.
+    let app = if app.running && !spec.same_but_routing(&app.spec) {
+        deploy(&sup, app, spec).await?
+    } else {
+        app.spec = spec;
+        sup.store().update_app(&app)?;
+        sup.publish_routes();
+        app
+    };
+    Ok(Json(view(&sup, &app)?))
+}
+
+/// `base` with `patch` applied, validated.
+fn patched(sup: &Supervisor, name: &str, base: &AppSpec, patch: ConfigPatch) -> Result<AppSpec, ApiError> {
+    let mut spec = base.clone();
     if let Some(image) = patch.image {
         spec.image = image;
     }
@@ -529,22 +566,11 @@ async fn config_app(
     }
     spec.domains.retain(|d| !patch.remove_domains.iter().any(|r| r.eq_ignore_ascii_case(d)));
     patch.routing.apply(&mut spec.routing)?;
+    patch.rollout.apply(&mut spec.rollout);
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
-    check_tcp_ports(&sup, &name, &spec)?;
-    if spec == app.spec {
-        return Ok(Json(view(&sup, &app)?));
-    }
-    // Routing alone changes nothing inside the instances: no new revision, no restart.
-    let app = if app.running && !spec.same_but_routing(&app.spec) {
-        deploy(&sup, app, spec).await?
-    } else {
-        app.spec = spec;
-        sup.store().update_app(&app)?;
-        sup.publish_routes();
-        app
-    };
-    Ok(Json(view(&sup, &app)?))
+    check_tcp_ports(sup, name, &spec)?;
+    Ok(spec)
 }
 
 async fn scale_app(

@@ -2,7 +2,12 @@
 //! revision) with the instances that actually run, starts and stops instances through their
 //! shims, replaces crashed ones with backoff, and publishes the proxy's route table.
 
+mod health;
 mod instance;
+mod rollout;
+
+pub use health::Health;
+pub use rollout::DeployError;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -110,6 +115,8 @@ pub struct InstanceView {
     pub state: &'static str,
     pub pid: Option<i32>,
     pub started_at: String,
+    /// What the supervisor's own health checks say: healthy, unhealthy or unknown.
+    pub health: &'static str,
 }
 
 /// What the supervisor remembers of an app's crashes.
@@ -150,6 +157,8 @@ pub struct Supervisor {
     restarts: Mutex<HashMap<String, Restarts>>,
     /// Consecutive quick crashes per app slot, for the restart backoff.
     backoff: Mutex<HashMap<(String, u32), (u32, Instant)>>,
+    /// The supervisor's health checks of running instances.
+    health: Mutex<health::HealthBook>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,6 +185,7 @@ impl Supervisor {
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            health: Mutex::new(health::HealthBook::default()),
         })
     }
 
@@ -285,6 +295,7 @@ impl Supervisor {
     }
 
     pub fn instances_of(&self, app: &str) -> Vec<InstanceView> {
+        let health = lock(&self.health).trackers.clone();
         let mut v: Vec<InstanceView> = lock(&self.live)
             .values()
             .filter(|l| l.row.app == app)
@@ -301,6 +312,7 @@ impl Supervisor {
                 },
                 pid: l.pid,
                 started_at: l.row.created_at.clone(),
+                health: health.get(&l.row.uid).map_or(Health::Unknown, |t| t.health).as_str(),
             })
             .collect();
         v.sort_by(|a, b| (a.slot, &a.started_at).cmp(&(b.slot, &b.started_at)));
