@@ -2,7 +2,8 @@
 //! history lists what was deployed and how it ended, a rollback goes back (again dropping
 //! none), a revision that never becomes healthy is rolled back on its own while the old
 //! instances serve, `--surge 2` moves two slots at a time, and an instance that stays unhealthy
-//! is replaced while the others are left alone.
+//! is replaced while the others are left alone; a deploy cut short by a daemon crash is
+//! finished by the next daemon.
 
 mod common;
 
@@ -337,4 +338,54 @@ fn an_instance_that_stays_unhealthy_is_replaced_and_the_others_are_untouched() {
         .iter()
         .any(|e| e["kind"] == "instance_unhealthy" && e["instance"] == "web.2" && e["message"].is_string());
     assert!(unhealthy, "no instance_unhealthy event for web.2");
+}
+
+/// A `deliverous` CLI process started by a test; killed (by its PID) and reaped on drop.
+struct CliProcess(std::process::Child);
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_deploy_cut_short_by_a_daemon_crash_is_finished_by_the_next_daemon() {
+    let (_registry, image, mut daemon) = setup();
+    launch(&daemon, &image, 3, &[]);
+
+    let host = format!("unix:{}", daemon.socket().display());
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_deliverous"))
+        .args(["--host", &host, "app", "deploy", "web", "-e", "VERSION=2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run deliverous app deploy");
+    let cli = CliProcess(cli);
+    // Killed once the first new instance is up, before the rollout is through.
+    let underway = wait_until(Duration::from_secs(30), || {
+        events(&daemon)
+            .iter()
+            .any(|e| e["kind"] == "instance_started" && e["message"].as_str().is_some_and(|m| m.contains("revision 2")))
+    });
+    assert!(underway, "the deploy never started a new instance");
+    daemon.kill9();
+    drop(cli);
+
+    daemon.restart();
+    let done = wait_until(Duration::from_secs(60), || {
+        let s = show(&daemon);
+        let all = instances(&s);
+        s["last_deploy"]["state"] == "deployed"
+            && all.len() == 3
+            && all.iter().all(|i| i["revision"] == 2 && i["state"] == "running")
+    });
+    assert!(done, "the interrupted deploy was not finished: {:#}", show(&daemon));
+    assert_all_on(&daemon, 2, 3, "2");
+    let resumed = events(&daemon).iter().any(|e| {
+        e["kind"] == "deploy_progress" && e["message"].as_str().is_some_and(|m| m.starts_with("resuming the deploy"))
+    });
+    assert!(resumed, "no resume event");
+    assert_eq!(entry(&history(&daemon), 2)["outcome"], "deployed");
 }
