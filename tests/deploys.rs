@@ -246,6 +246,19 @@ fn a_revision_that_never_becomes_healthy_is_rolled_back_while_the_old_one_serves
     for kind in ["deploy_started", "deploy_failed", "rolled_back"] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} event in {kinds:?}");
     }
+
+    // A revision whose process exits at once (it cannot listen on that port) fails as well.
+    let out = daemon.cli(&["app", "deploy", "web", "-e", "PORT=not-a-port"]);
+    assert!(!out.success(), "the deploy must fail: {}", out.stdout);
+    assert!(
+        out.stderr.contains("deploy of revision 3 failed") && out.stderr.contains("exited before it became ready"),
+        "{}",
+        out.stderr
+    );
+    assert_all_on(&daemon, 1, 2, "1");
+    let after: Vec<Value> = instances(&show(&daemon)).iter().map(|i| i["id"].clone()).collect();
+    assert_eq!(before, after, "the old instances were never stopped");
+    assert_eq!(entry(&history(&daemon), 3)["outcome"], "failed");
 }
 
 #[test]
