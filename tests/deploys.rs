@@ -261,36 +261,59 @@ fn a_revision_that_never_becomes_healthy_is_rolled_back_while_the_old_one_serves
     assert_eq!(entry(&history(&daemon), 3)["outcome"], "failed");
 }
 
-#[test]
-fn surge_two_moves_two_slots_at_a_time() {
-    let (_registry, image, daemon) = setup();
-    launch(&daemon, &image, 4, &["--surge", "2"]);
+/// Counts the app's instances every 30 ms from another thread; `finish` gives (fewest, most).
+struct Census {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(usize, usize)>>,
+}
 
-    // Watch how many instances exist at once while the deploy runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = {
-        let (stop, socket) = (stop.clone(), daemon.socket());
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(Ordering::Relaxed) {
+impl Census {
+    fn start(daemon: &Daemon) -> Census {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, socket) = (stop.clone(), daemon.socket());
+        let thread = std::thread::spawn(move || {
+            let (mut fewest, mut most) = (usize::MAX, 0);
+            while !stop2.load(Ordering::Relaxed) {
                 let out = std::process::Command::new("curl")
                     .args(["-sS", "--unix-socket"])
                     .arg(&socket)
                     .arg("http://localhost/v1/apps/web")
                     .output();
                 if let Ok(v) = out.map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap_or_default()) {
-                    peak = peak.max(instances(&v).len());
+                    if v["instances"].is_array() {
+                        let n = instances(&v).len();
+                        (fewest, most) = (fewest.min(n), most.max(n));
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(30));
             }
-            peak
-        })
-    };
+            (fewest, most)
+        });
+        Census { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("census thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for Census {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn surge_two_moves_two_slots_at_a_time_and_max_unavailable_stops_first() {
+    let (_registry, image, daemon) = setup();
+    launch(&daemon, &image, 4, &["--surge", "2"]);
+
+    let census = Census::start(&daemon);
     daemon.cli_ok(&["app", "deploy", "web", "-e", "VERSION=2"]);
-    stop.store(true, Ordering::Relaxed);
-    let peak = peak.join().expect("watcher");
+    let (_, most) = census.finish();
     assert_all_on(&daemon, 2, 4, "2");
-    assert_eq!(peak, 6, "4 instances plus a surge of 2");
+    assert_eq!(most, 6, "4 instances plus a surge of 2");
 
     let progress: Vec<String> = events(&daemon)
         .iter()
@@ -303,6 +326,14 @@ fn surge_two_moves_two_slots_at_a_time() {
         ["batch 1/2: starting web.1, web.2 on revision 2", "batch 2/2: starting web.3, web.4 on revision 2"],
         "{progress:#?}"
     );
+
+    // No room for more: old instances go first, never more than 2 at a time.
+    let census = Census::start(&daemon);
+    daemon.cli_ok(&["app", "deploy", "web", "-e", "VERSION=3", "--surge", "0", "--max-unavailable", "2"]);
+    let (fewest, most) = census.finish();
+    assert_all_on(&daemon, 3, 4, "3");
+    assert_eq!(most, 4, "never more than the desired count");
+    assert!((2..4).contains(&fewest), "old instances stopped first, at most 2: fewest {fewest}");
 }
 
 #[test]

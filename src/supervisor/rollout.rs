@@ -411,11 +411,13 @@ impl Supervisor {
             } else {
                 delay = (delay * 2).min(Duration::from_millis(200));
             }
-            if tokio::time::Instant::now() + wait >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(format!("not ready within {} s: {last_error}", timeout.as_secs()));
             }
+            // The last probe comes at the deadline, not one interval before it.
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait.min(deadline - now)) => {}
                 _ = done.wait_for(|d| *d) => {}
             }
         }
