@@ -80,6 +80,38 @@ async fn http_status(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Re
     }
 }
 
+/// Whether a starting instance is ready to join rotation: its port accepted a connection, then
+/// (with a check) `rise` checks passed in a row. Pure: the readiness loop feeds it.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    accepting: bool,
+    checked: bool,
+    rise: u32,
+    passes: u32,
+}
+
+impl Readiness {
+    pub fn new(check: Option<&HealthCheck>) -> Readiness {
+        Readiness { accepting: false, checked: check.is_some(), rise: check.map_or(1, |c| c.rise.max(1)), passes: 0 }
+    }
+
+    pub fn accepting(&self) -> bool {
+        self.accepting
+    }
+
+    /// A connection attempt to the port; true when that makes the instance ready.
+    pub fn port(&mut self, ok: bool) -> bool {
+        self.accepting |= ok;
+        self.accepting && !self.checked
+    }
+
+    /// A health check; true when the instance is ready.
+    pub fn check(&mut self, ok: bool) -> bool {
+        self.passes = if ok { self.passes + 1 } else { 0 };
+        self.accepting && self.passes >= self.rise
+    }
+}
+
 /// What the supervisor knows of an instance's health, as `app show` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -324,6 +356,19 @@ mod tests {
         assert_eq!(t.record(true, 2, 3, t0), Change::None);
         assert_eq!(t.record(true, 2, 3, t0), Change::BecameHealthy);
         assert!(!t.due_for_replacement(Duration::ZERO, t0), "healthy again: no replacement");
+    }
+
+    #[test]
+    fn ready_takes_the_port_then_rise_passes_in_a_row() {
+        let mut plain = Readiness::new(None);
+        assert!(!plain.port(false));
+        assert!(plain.port(true), "no check: the open port is enough");
+        let mut checked = Readiness::new(Some(&HealthCheck { rise: 2, ..HealthCheck::http("/health") }));
+        assert!(!checked.port(true), "the port alone is not enough");
+        assert!(!checked.check(true));
+        assert!(!checked.check(false), "a failure resets the count");
+        assert!(!checked.check(true));
+        assert!(checked.check(true));
     }
 
     #[test]

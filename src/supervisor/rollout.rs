@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use deliverous_images::Image;
 
-use super::health::{Probe, Tracker};
+use super::health::{Probe, Readiness, Tracker};
 use super::{lock, State, Supervisor, SupervisorError};
 use crate::apps::rollout::batches;
 use crate::apps::store::{Deploy, DeployState};
@@ -368,11 +368,9 @@ impl Supervisor {
         let addr = SocketAddr::from((ip, rev.spec.port));
         let check = rev.spec.routing.health.clone();
         let probe = check.as_ref().map(Probe::of);
-        let rise = check.as_ref().map_or(1, |c| c.rise.max(1));
+        let mut readiness = Readiness::new(check.as_ref());
         let probe_timeout = Duration::from_millis(check.as_ref().map_or(1000, |c| c.timeout_ms));
         let interval = Duration::from_millis(check.as_ref().map_or(200, |c| c.interval_ms.max(100)));
-        let mut accepting = false;
-        let mut passes = 0;
         let mut last_error = String::from("never probed");
         let mut delay = Duration::from_millis(5);
         loop {
@@ -383,30 +381,35 @@ impl Supervisor {
                     None => "exited before it became ready".to_string(),
                 });
             }
-            if !accepting {
-                match tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await {
-                    Ok(Ok(_)) => accepting = true,
-                    Ok(Err(e)) => last_error = format!("port {}: {e}", rev.spec.port),
-                    Err(_) => last_error = format!("port {}: no answer to connect", rev.spec.port),
+            let mut wait = delay;
+            if !readiness.accepting() {
+                let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr));
+                let ok = match attempt.await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        last_error = format!("port {}: {e}", rev.spec.port);
+                        false
+                    }
+                    Err(_) => {
+                        last_error = format!("port {}: no answer to connect", rev.spec.port);
+                        false
+                    }
+                };
+                if readiness.port(ok) {
+                    break;
                 }
             }
-            let mut wait = delay;
-            if accepting {
-                match &probe {
-                    None => break,
-                    Some(p) => match p.run(addr, probe_timeout).await {
-                        Ok(()) => {
-                            passes += 1;
-                            if passes >= rise {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            passes = 0;
-                            last_error = format!("health check {e}");
-                        }
-                    },
+            if let Some(p) = probe.as_ref().filter(|_| readiness.accepting()) {
+                // Checked as soon as the port opens, then every interval.
+                let result = p.run(addr, probe_timeout).await;
+                if let Err(e) = &result {
+                    last_error = format!("health check {e}");
                 }
+                if readiness.check(result.is_ok()) {
+                    break;
+                }
+            }
+            if readiness.accepting() {
                 wait = interval;
             } else {
                 delay = (delay * 2).min(Duration::from_millis(200));
