@@ -183,6 +183,8 @@ fn a_rolling_deploy_and_a_rollback_under_load_drop_no_request() {
     assert!(r2["changes"].as_array().is_some_and(|c| c.contains(&Value::from("env VERSION: 1 → 2"))), "{r2:#}");
     let table = daemon.cli_ok(&["app", "history", "web"]);
     assert!(table.contains("*2") && table.contains("env VERSION: 1 → 2"), "{table}");
+    let text = daemon.cli_ok(&["app", "show", "web"]);
+    assert!(text.contains("HEALTH") && text.contains("revision 2 (deploy, deployed)"), "{text}");
 
     let load = Load::start(daemon.proxy_addr());
     std::thread::sleep(Duration::from_millis(500));
