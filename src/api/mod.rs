@@ -1,6 +1,8 @@
 //! The HTTP API under `/v1`: validates requests, turns them into changes of desired state,
 //! asks the supervisor to converge, and maps every failure to a status and a message.
 
+mod deploys;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -120,6 +122,8 @@ pub struct CreateApp {
     /// `always` (the default), `on-failure` or `never`.
     #[serde(default)]
     pub restart: Option<String>,
+    #[serde(default)]
+    pub rollout: deploys::RolloutPatch,
 }
 
 /// Proxy settings in a create or config request; only the fields present change.
@@ -231,6 +235,8 @@ pub struct ConfigPatch {
     pub routing: RoutingPatch,
     /// `always`, `on-failure` or `never`; changing it alone starts no new revision.
     pub restart: Option<String>,
+    #[serde(default)]
+    pub rollout: deploys::RolloutPatch,
 }
 
 /// `always`, `on-failure`, `never`, or a 400 that says so.
@@ -277,6 +283,9 @@ pub struct AppView {
     pub hosts: Vec<String>,
     pub routing: apps::Routing,
     pub restart: apps::RestartPolicy,
+    pub rollout: apps::rollout::Rollout,
+    /// The latest deploy or rollback and how it ended.
+    pub last_deploy: Option<apps::store::Deploy>,
     pub instances_desired: u32,
     pub revision: Option<RevisionView>,
     pub instances: Vec<InstanceView>,
@@ -313,6 +322,8 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         hosts: sup.hosts_of(app),
         routing: app.spec.routing.clone(),
         restart: app.spec.restart,
+        rollout: app.spec.rollout.clone(),
+        last_deploy: sup.store().deploys(&app.name)?.pop(),
         instances_desired: app.instances,
         revision,
         instances: sup.instances_of(&app.name),
@@ -398,6 +409,9 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/stop", post(stop_app))
         .route("/v1/apps/{name}/scale", put(scale_app))
         .route("/v1/apps/{name}/logs", get(app_logs))
+        .route("/v1/apps/{name}/deploy", post(deploys::deploy_app))
+        .route("/v1/apps/{name}/rollback", post(deploys::rollback_app))
+        .route("/v1/apps/{name}/revisions", get(deploys::revisions))
         .route("/v1/events", get(events))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
@@ -440,6 +454,7 @@ async fn create_app(
     };
     let mut spec = spec;
     req.routing.apply(&mut spec.routing)?;
+    req.rollout.apply(&mut spec.rollout);
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
     check_tcp_ports(&sup, &req.name, &spec)?;
@@ -478,6 +493,10 @@ async fn show_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>) 
 async fn deploy(sup: &Arc<Supervisor>, mut app: App, spec: AppSpec) -> Result<App, ApiError> {
     let image = sup.resolve_image(&spec.image).await?;
     let rev = sup.store().revision_for(&app.name, &image.reference, &image.digest, &spec)?;
+    if app.running && app.revision != Some(rev.number) {
+        // A running app moves instance by instance, each ready before an old one goes.
+        return sup.deploy_revision(app, &rev, "deploy").await.map_err(ApiError::from);
+    }
     let previous = (app.spec.clone(), app.revision, app.running);
     app.spec = spec;
     app.revision = Some(rev.number);
@@ -534,7 +553,35 @@ async fn config_app(
     let patch = body(payload)?;
     let _guard = sup.lock_app(&name).await;
     let mut app = find(&sup, &name)?;
-    let mut spec = app.spec.clone();
+    let spec = patched(&sup, &name, &app.spec, patch)?;
+    if spec == app.spec {
+        return Ok(Json(view(&sup, &app)?));
+    }
+    let what = changed_fields(&app.spec, &spec);
+    // A config change brings back slots the restart policy kept empty.
+    sup.release_slots(&name, false);
+    // Routing, the restart policy or the rollout settings alone change nothing inside the
+    // instances: no new revision, no restart.
+    let app = if app.running && !spec.same_but_routing(&app.spec) {
+        deploy(&sup, app, spec).await?
+    } else {
+        app.spec = spec;
+        sup.store().update_app(&app)?;
+        if app.running {
+            sup.converge(&name).await?;
+        } else {
+            sup.publish_routes();
+        }
+        app
+    };
+    let revision = app.revision.map(|r| format!(", revision {r}")).unwrap_or_default();
+    sup.events().emit(Kind::AppChanged, &name, None, format!("changed {what}{revision}"));
+    Ok(Json(view(&sup, &app)?))
+}
+
+/// `base` with `patch` applied, validated.
+fn patched(sup: &Supervisor, name: &str, base: &AppSpec, patch: ConfigPatch) -> Result<AppSpec, ApiError> {
+    let mut spec = base.clone();
     if let Some(image) = patch.image {
         spec.image = image;
     }
@@ -582,32 +629,11 @@ async fn config_app(
     if let Some(r) = &patch.restart {
         spec.restart = restart_policy(r)?;
     }
+    patch.rollout.apply(&mut spec.rollout);
     spec.validate().map_err(ApiError::bad_request)?;
     sup.settings().check_host_paths(&spec).map_err(ApiError::bad_request)?;
-    check_tcp_ports(&sup, &name, &spec)?;
-    if spec == app.spec {
-        return Ok(Json(view(&sup, &app)?));
-    }
-    let what = changed_fields(&app.spec, &spec);
-    // A config change brings back slots the restart policy kept empty.
-    sup.release_slots(&name, false);
-    // Routing or the restart policy alone change nothing inside the instances: no new
-    // revision, no restart.
-    let app = if app.running && !spec.same_but_routing(&app.spec) {
-        deploy(&sup, app, spec).await?
-    } else {
-        app.spec = spec;
-        sup.store().update_app(&app)?;
-        if app.running {
-            sup.converge(&name).await?;
-        } else {
-            sup.publish_routes();
-        }
-        app
-    };
-    let revision = app.revision.map(|r| format!(", revision {r}")).unwrap_or_default();
-    sup.events().emit(Kind::AppChanged, &name, None, format!("changed {what}{revision}"));
-    Ok(Json(view(&sup, &app)?))
+    check_tcp_ports(sup, name, &spec)?;
+    Ok(spec)
 }
 
 async fn scale_app(

@@ -1,6 +1,7 @@
 //! The app model: what an operator declares (`AppSpec`), the immutable revisions a deploy moves
 //! between, and the validation rules for names and values. Persistence is in `store`.
 
+pub mod rollout;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -60,6 +61,9 @@ pub struct AppSpec {
     /// Whether an instance that exits on its own is replaced.
     #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
     pub restart: RestartPolicy,
+    /// How deploys replace instances and when an unhealthy instance is replaced.
+    #[serde(default, skip_serializing_if = "rollout::Rollout::is_default")]
+    pub rollout: rollout::Rollout,
 }
 
 /// What happens to an instance's slot when the instance exits without being asked to, as
@@ -254,6 +258,7 @@ impl AppSpec {
             domains: Vec::new(),
             routing: Routing::default(),
             restart: RestartPolicy::default(),
+            rollout: rollout::Rollout::default(),
         }
     }
 
@@ -265,6 +270,7 @@ impl AppSpec {
         a.routing = other.routing.clone();
         a.domains = other.domains.clone();
         a.restart = other.restart;
+        a.rollout = other.rollout.clone();
         &a == other
     }
 }
@@ -401,6 +407,7 @@ impl AppSpec {
         for d in &self.domains {
             validate_domain(d)?;
         }
+        self.rollout.validate()?;
         self.routing.validate()
     }
 }

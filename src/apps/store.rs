@@ -1,6 +1,10 @@
 //! The SQLite store of desired state: apps, their immutable revisions, and the instances the
 //! supervisor created (with their IP leases), so a restarted daemon finds everything again.
 
+mod deploys;
+
+pub use deploys::{Deploy, DeployState};
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -78,6 +82,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(deploys::SCHEMA)?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 

@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use super::client::{call, CallError, Host};
+use crate::apps::rollout::{self, Rollout};
 use crate::apps::{
     self, format_bytes, parse_bytes, parse_duration_ms, parse_tcp_port, AppSpec, RestartPolicy, Routing,
     DEFAULT_DRAIN_TIMEOUT_MS, DEFAULT_PIDS, MAX_INSTANCES,
@@ -84,6 +85,22 @@ struct AppFile {
     health: Option<HealthFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<ProxyFile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<RolloutFile>,
+}
+
+/// `[apps.NAME.rollout]`: how deploys replace instances, when an unhealthy one is replaced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    surge: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_unavailable: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deploy_timeout: Option<Millis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unhealthy_timeout: Option<Millis>,
 }
 
 /// `[apps.NAME.health]`: `path = "/healthz"` or `tcp = true`, and optional timing.
@@ -294,6 +311,12 @@ impl AppFile {
             domains,
             routing: self.routing()?,
             restart: self.restart,
+            rollout: self.rollout.as_ref().map_or_else(Rollout::default, |r| Rollout {
+                surge: r.surge,
+                max_unavailable: r.max_unavailable,
+                deploy_timeout_ms: r.deploy_timeout.map(|m| m.0),
+                unhealthy_timeout_ms: r.unhealthy_timeout.map(|m| m.0),
+            }),
             ..AppSpec::new(self.image.clone(), self.port)
         };
         spec.validate()?;
@@ -377,6 +400,12 @@ impl AppFile {
             env: s.env.clone(),
             health,
             proxy: (proxy != ProxyFile::default()).then_some(proxy),
+            rollout: (!s.rollout.is_default()).then(|| RolloutFile {
+                surge: s.rollout.surge,
+                max_unavailable: s.rollout.max_unavailable,
+                deploy_timeout: s.rollout.deploy_timeout_ms.map(Millis),
+                unhealthy_timeout: s.rollout.unhealthy_timeout_ms.map(Millis),
+            }),
         }
     }
 }
@@ -497,6 +526,7 @@ struct View {
     routing: Routing,
     #[serde(default)]
     restart: RestartPolicy,
+    rollout: Rollout,
     instances_desired: u32,
 }
 
@@ -515,6 +545,7 @@ impl View {
             domains: self.domains.clone(),
             routing: self.routing.clone(),
             restart: self.restart,
+            rollout: self.rollout.clone(),
             ..AppSpec::new(self.image.clone(), self.port)
         };
         Declared { spec, instances: self.instances_desired, running: self.state == "running" }
@@ -553,7 +584,31 @@ fn canonical(spec: &AppSpec) -> AppSpec {
     r.total_timeout_ms = r.total_timeout_ms.filter(|t| *t != d.total_timeout_ms);
     r.drain_timeout_ms = r.drain_timeout_ms.filter(|t| *t != DEFAULT_DRAIN_TIMEOUT_MS);
     r.max_body = r.max_body.filter(|b| *b > 0);
+    let o = &mut s.rollout;
+    o.surge = o.surge.filter(|n| *n != rollout::DEFAULT_SURGE);
+    o.max_unavailable = o.max_unavailable.filter(|n| *n != rollout::DEFAULT_MAX_UNAVAILABLE);
+    o.deploy_timeout_ms = o.deploy_timeout_ms.filter(|t| *t != rollout::DEFAULT_DEPLOY_TIMEOUT_MS);
+    o.unhealthy_timeout_ms = o.unhealthy_timeout_ms.filter(|t| *t != rollout::DEFAULT_UNHEALTHY_TIMEOUT_MS);
     s
+}
+
+/// The `rollout` object of a create or config request: what differs from `a` in `b`, defaults
+/// given explicitly (the API cannot unset a field; the default behaves the same).
+fn rollout_patch(a: &Rollout, b: &Rollout) -> Map<String, Value> {
+    let mut p = Map::new();
+    if a.surge() != b.surge() {
+        p.insert("surge".into(), json!(b.surge()));
+    }
+    if a.max_unavailable() != b.max_unavailable() {
+        p.insert("max_unavailable".into(), json!(b.max_unavailable()));
+    }
+    if a.deploy_timeout() != b.deploy_timeout() {
+        p.insert("deploy_timeout_ms".into(), json!(b.deploy_timeout().as_millis() as u64));
+    }
+    if a.unhealthy_timeout() != b.unhealthy_timeout() {
+        p.insert("unhealthy_timeout_ms".into(), json!(b.unhealthy_timeout().as_millis() as u64));
+    }
+    p
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -701,6 +756,12 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
     out.set("proxy strip_prefix", ra.strip_prefix.to_string(), rb.strip_prefix.to_string());
     let ports = |r: &Routing| r.tcp.iter().map(port_text).collect::<Vec<_>>();
     out.items("proxy tcp", &ports(ra), &ports(rb));
+    let (oa, ob) = (&a.rollout, &b.rollout);
+    out.set("rollout surge", oa.surge().to_string(), ob.surge().to_string());
+    out.set("rollout max_unavailable", oa.max_unavailable().to_string(), ob.max_unavailable().to_string());
+    let ms = |d: std::time::Duration| duration_text(d.as_millis() as u64);
+    out.set("rollout deploy_timeout", ms(oa.deploy_timeout()), ms(ob.deploy_timeout()));
+    out.set("rollout unhealthy_timeout", ms(oa.unhealthy_timeout()), ms(ob.unhealthy_timeout()));
     match current {
         Some(c) => {
             out.set("instances", c.instances.to_string(), desired.instances.to_string());
@@ -835,6 +896,10 @@ fn config_patch(current: &AppSpec, desired: &AppSpec) -> Option<Value> {
     if !routing.is_empty() {
         p.insert("routing".into(), Value::Object(routing));
     }
+    let rollout = rollout_patch(&a.rollout, &b.rollout);
+    if !rollout.is_empty() {
+        p.insert("rollout".into(), Value::Object(rollout));
+    }
     (!p.is_empty()).then_some(Value::Object(p))
 }
 
@@ -867,6 +932,10 @@ fn create_body(name: &str, d: &Declared) -> Value {
     let routing = routing_patch(&Routing::default(), &canonical(s).routing);
     if !routing.is_empty() {
         body["routing"] = Value::Object(routing);
+    }
+    let rollout = rollout_patch(&Rollout::default(), &s.rollout);
+    if !rollout.is_empty() {
+        body["rollout"] = Value::Object(rollout);
     }
     body
 }
@@ -1374,5 +1443,25 @@ tcp = [6379, "16379:6380"]
             lines(&web, &always)
         );
         assert_eq!(config_patch(&web.spec, &always.spec), Some(json!({"restart": "always"})));
+    }
+
+    #[test]
+    fn rollout_settings_plan_patch_and_export() {
+        let with = |extra: &str| parse(&format!("{WEB}\n[apps.web.rollout]\n{extra}\n"));
+        let current = as_daemon_shows(&parse(WEB)["web"]);
+        let desired = with("surge = 2\ndeploy_timeout = \"90s\"")["web"].clone();
+        assert_eq!(lines(&current, &desired), ["rollout surge: 1 → 2", "rollout deploy_timeout: 1m → 90s"]);
+        let patch = config_patch(&current.spec, &desired.spec).expect("a patch");
+        assert_eq!(patch["rollout"], json!({"surge": 2, "deploy_timeout_ms": 90_000}));
+        assert_eq!(create_body("web", &desired)["rollout"], json!({"surge": 2, "deploy_timeout_ms": 90_000}));
+        let back = config_patch(&desired.spec, &current.spec).expect("back to defaults");
+        assert_eq!(back["rollout"], json!({"surge": 1, "deploy_timeout_ms": 60_000}));
+        // Defaults given explicitly are no change.
+        assert!(lines(&current, &with("surge = 1\nmax_unavailable = 0")["web"]).is_empty());
+        let text = toml::to_string(&BTreeMap::from([("apps", BTreeMap::from([("web", AppFile::of(&desired))]))]))
+            .expect("toml");
+        assert!(text.contains("[apps.web.rollout]") && text.contains("deploy_timeout = \"90s\""), "{text}");
+        assert!(lines(&desired, &parse(&text)["web"]).is_empty(), "{text}");
+        assert!(errors(&format!("{WEB}\n[apps.web.rollout]\nsurge = 0\n")).iter().any(|e| e.contains("surge")));
     }
 }

@@ -4,6 +4,7 @@
 mod apply;
 mod client;
 mod events;
+mod deploys;
 mod progress;
 mod registry;
 
@@ -56,6 +57,43 @@ pub enum AppCommand {
         /// Stop routing a host name to the app.
         #[arg(long = "remove-domain", value_name = "DOMAIN")]
         remove_domains: Vec<String>,
+    },
+    /// Roll out a new revision (a config change that always rolls out, pulling the image
+    /// again) and wait for the outcome: non-zero exit if it was rolled back.
+    #[command(
+        after_help = "Examples:\n  deliverous app deploy web --image registry.example.com/shop/web:1.5\n  deliverous app deploy web -e FEATURE=on --surge 2"
+    )]
+    Deploy {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[command(flatten)]
+        settings: Settings,
+        /// Remove an environment variable.
+        #[arg(long = "unset", value_name = "KEY")]
+        unset: Vec<String>,
+        /// Stop routing a host name to the app.
+        #[arg(long = "remove-domain", value_name = "DOMAIN")]
+        remove_domains: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to the previous revision, or to a given kept one (`app history` lists them).
+    Rollback {
+        name: String,
+        /// The revision number to go back to.
+        #[arg(long)]
+        to: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The app's kept revisions: image, what changed, how each deploy ended.
+    History {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Pull the image if needed and start the app's instances.
     Start { name: String },
@@ -170,6 +208,19 @@ pub struct Settings {
     /// 16379:6379 (repeatable; on `config` the list replaces the old one, "none" clears it).
     #[arg(long = "tcp", value_name = "PORT", help_heading = "Proxy")]
     tcp: Vec<String>,
+    /// New instances a deploy starts at once, beyond the desired count (default 1).
+    #[arg(long, value_name = "N", help_heading = "Rollout")]
+    surge: Option<u32>,
+    /// Old instances a deploy may stop before their replacements are ready (default 0).
+    #[arg(long = "max-unavailable", value_name = "N", help_heading = "Rollout")]
+    max_unavailable: Option<u32>,
+    /// Time a new instance has to become ready (port open, health check passed) before the
+    /// deploy is rolled back (default 60s).
+    #[arg(long = "deploy-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Rollout")]
+    deploy_timeout: Option<u64>,
+    /// Time an instance may stay unhealthy before it is replaced (default 30s).
+    #[arg(long = "unhealthy-timeout", value_name = "DURATION", value_parser = duration_ms, help_heading = "Rollout")]
+    unhealthy_timeout: Option<u64>,
 }
 
 fn duration_ms(text: &str) -> Result<u64, String> {
@@ -402,6 +453,37 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             add_settings(&mut body, &settings);
             call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| summary(&app))
         }
+        AppCommand::Deploy { name, image, port, settings, unset, remove_domains, json } => {
+            let mut env = match parse_env(&settings.env) {
+                Ok(e) => e,
+                Err(m) => return usage(m),
+            };
+            for k in unset {
+                env.insert(k, Value::Null);
+            }
+            let mut body = json!({"env": env, "add_domains": settings.domains, "remove_domains": remove_domains});
+            if let Some(i) = image {
+                body["image"] = json!(i);
+            }
+            if let Some(p) = port {
+                body["port"] = json!(p);
+            }
+            if let Some(m) = &settings.memory {
+                body["memory"] = json!(m);
+            }
+            if let Some(c) = settings.cpus {
+                body["cpus"] = json!(c);
+            }
+            if let Some(p) = settings.pids {
+                body["pids"] = json!(p);
+            }
+            add_settings(&mut body, &settings);
+            let path = format!("/v1/apps/{name}/deploy");
+            let request = call(host, Method::POST, &path, Some(body));
+            deploys::with_progress(host, &name, request).await.map(|r| deploys::outcome(&r, json))
+        }
+        AppCommand::Rollback { name, to, json } => deploys::rollback(host, &name, to, json).await,
+        AppCommand::History { name, json } => deploys::history(host, &name, json).await,
         AppCommand::Start { name } => {
             call(host, Method::POST, &format!("/v1/apps/{name}/start"), None).await.map(|app| summary(&app))
         }
@@ -619,6 +701,22 @@ fn add_settings(body: &mut Value, settings: &Settings) {
     if !routing.is_empty() {
         body["routing"] = Value::Object(routing);
     }
+    let mut rollout = serde_json::Map::new();
+    for (key, v) in [("surge", settings.surge), ("max_unavailable", settings.max_unavailable)] {
+        if let Some(v) = v {
+            rollout.insert(key.into(), json!(v));
+        }
+    }
+    for (key, v) in
+        [("deploy_timeout_ms", settings.deploy_timeout), ("unhealthy_timeout_ms", settings.unhealthy_timeout)]
+    {
+        if let Some(v) = v {
+            rollout.insert(key.into(), json!(v));
+        }
+    }
+    if !rollout.is_empty() {
+        body["rollout"] = Value::Object(rollout);
+    }
 }
 
 /// `image pull` for people: a progress bar per layer on a terminal, a line per layer otherwise;
@@ -711,6 +809,8 @@ fn show(app: &Value) {
         ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ("routing", routing_summary(&app["routing"])),
         ("restart", app["restart"].as_str().unwrap_or("always").to_string()),
+        ("rollout", routing_summary(&app["rollout"])),
+        ("deploy", deploys::last_deploy(&app["last_deploy"])),
         ("instances", s(&app["instances_desired"])),
         (
             "revision",
@@ -735,6 +835,7 @@ fn show(app: &Value) {
                 s(&i["ip"]),
                 s(&i["state"]),
                 s(&i["revision"]),
+                s(&i["health"]),
                 s(&i["pid"]),
                 s(&i["started_at"]),
                 i["restarts"].as_u64().unwrap_or(0).to_string(),
@@ -754,6 +855,7 @@ fn show(app: &Value) {
             "-".into(),
             "-".into(),
             "-".into(),
+            "-".into(),
             e["restarts"].as_u64().unwrap_or(0).to_string(),
             last_exit(&e["last_exit"]),
         ];
@@ -763,7 +865,7 @@ fn show(app: &Value) {
     if !rows.is_empty() {
         println!();
         table(
-            &["INSTANCE", "ID", "IP", "STATE", "REVISION", "PID", "STARTED", "RESTARTS", "LAST EXIT"],
+            &["INSTANCE", "ID", "IP", "STATE", "REVISION", "HEALTH", "PID", "STARTED", "RESTARTS", "LAST EXIT"],
             rows.into_iter().map(|r| r.1).collect(),
         );
     }

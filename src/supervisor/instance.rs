@@ -66,6 +66,23 @@ impl Supervisor {
         image: &Image,
         slot: u32,
     ) -> Result<String, SupervisorError> {
+        let uid = self.launch_instance(app, rev, image, slot).await?;
+        let ip = lock(&self.live).get(&uid).map(|l| l.row.ip);
+        if let Some(ip) = ip {
+            self.wait_ready(&uid, SocketAddr::from((ip, rev.spec.port))).await;
+        }
+        Ok(uid)
+    }
+
+    /// Starts one instance of `rev` in `slot`, out of rotation (`Starting`) until someone
+    /// decides it is ready.
+    pub(super) async fn launch_instance(
+        self: &Arc<Self>,
+        app: &App,
+        rev: &Revision,
+        image: &Image,
+        slot: u32,
+    ) -> Result<String, SupervisorError> {
         let uid = new_uid();
         let began = std::time::Instant::now();
         let row = self.store.insert_instance(&uid, &app.name, slot, rev.number, self.hosts())?;
@@ -111,15 +128,12 @@ impl Supervisor {
             Some(&format!("{}.{slot}", app.name)),
             format!("started {uid} (revision {}, pid {pid}, ip {})", rev.number, row.ip),
         );
-        let started_at = began.elapsed();
         self.spawn_watcher(row.clone(), done_tx);
-        self.wait_ready(&uid, SocketAddr::from((row.ip, rev.spec.port))).await;
         tracing::debug!(
             app = %app.name,
-            "instance {}.{slot} start: prepared (rootfs, spec, network) after {} ms, running after {} ms, ready after {} ms",
+            "instance {}.{slot} start: prepared (rootfs, spec, network) after {} ms, running after {} ms",
             app.name,
             prepared_at.as_millis(),
-            started_at.as_millis(),
             began.elapsed().as_millis()
         );
         Ok(uid)
@@ -286,7 +300,12 @@ impl Supervisor {
 
     /// Connects to `addr` with backoff until it accepts (the instance goes into rotation), the
     /// instance is no longer starting, or `deadline` passes (then `false`).
-    async fn probe_ready(&self, uid: &str, addr: SocketAddr, deadline: Option<tokio::time::Instant>) -> bool {
+    async fn probe_ready(
+        self: &Arc<Self>,
+        uid: &str,
+        addr: SocketAddr,
+        deadline: Option<tokio::time::Instant>,
+    ) -> bool {
         // Every few milliseconds for the first two seconds (most apps are up by then, and each
         // miss costs one refused SYN), then backing off; after the deadline, a slow background
         // poll.
@@ -313,6 +332,7 @@ impl Supervisor {
                         format!("{uid} accepts connections on {addr}: in rotation"),
                     );
                 }
+                self.watch_health(uid);
                 return true;
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -353,8 +373,9 @@ impl Supervisor {
             }
             me.release(&row, shim_lost).await;
             lock(&me.live).remove(&row.uid);
-            let _ = done.send(true);
             me.after_exit(&row, exit, requested, uptime);
+            // After `after_exit`: whoever waits on `done` finds the exit recorded.
+            let _ = done.send(true);
         });
     }
 
@@ -517,7 +538,7 @@ impl Supervisor {
         self.publish_routes();
         for app in self.store.apps()? {
             let me = self.clone();
-            tokio::spawn(async move { me.converge_locked(&app.name).await });
+            tokio::spawn(async move { me.resume_or_converge(&app.name).await });
         }
         Ok(())
     }

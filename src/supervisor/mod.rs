@@ -2,11 +2,16 @@
 //! revision) with the instances that actually run, starts and stops instances through their
 //! shims, replaces crashed ones with backoff, and publishes the proxy's route table.
 
+mod health;
 mod instance;
 mod restart;
 
 use restart::SlotHistory;
 pub use restart::{ExitReason, ExitedSlot, SlotExit};
+mod rollout;
+
+pub use health::Health;
+pub use rollout::DeployError;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -122,6 +127,8 @@ pub struct InstanceView {
     pub restarts: u32,
     /// How the slot's previous instance ended, if one did on its own.
     pub last_exit: Option<SlotExit>,
+    /// What the supervisor's own health checks say: healthy, unhealthy or unknown.
+    pub health: &'static str,
 }
 
 /// What the supervisor knows of an app's exits (kept across daemon restarts).
@@ -175,6 +182,8 @@ pub struct Supervisor {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Exits, backoff and restart-policy holds per app slot.
     slots: Mutex<HashMap<(String, u32), SlotHistory>>,
+    /// The supervisor's health checks of running instances.
+    health: Mutex<health::HealthBook>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -200,6 +209,7 @@ impl Supervisor {
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
+            health: Mutex::new(health::HealthBook::default()),
         })
     }
 
@@ -311,6 +321,7 @@ impl Supervisor {
     pub fn instances_of(&self, app: &str) -> Vec<InstanceView> {
         let slots = lock(&self.slots).clone();
         let history = |slot: u32| slots.get(&(app.to_string(), slot));
+        let health = lock(&self.health).trackers.clone();
         let mut v: Vec<InstanceView> = lock(&self.live)
             .values()
             .filter(|l| l.row.app == app)
@@ -329,6 +340,7 @@ impl Supervisor {
                 started_at: l.row.created_at.clone(),
                 restarts: history(l.row.slot).map_or(0, |h| h.restarts),
                 last_exit: history(l.row.slot).and_then(|h| h.last_exit.clone()),
+                health: health.get(&l.row.uid).map_or(Health::Unknown, |t| t.health).as_str(),
             })
             .collect();
         v.sort_by(|a, b| (a.slot, &a.started_at).cmp(&(b.slot, &b.started_at)));
@@ -556,14 +568,6 @@ impl Supervisor {
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
-        }
-    }
-
-    /// Converges an app after taking its lock; for background triggers.
-    pub async fn converge_locked(self: &Arc<Self>, name: &str) {
-        let _guard = self.lock_app(name).await;
-        if let Err(e) = self.converge(name).await {
-            tracing::warn!(app = name, "converge: {e}");
         }
     }
 
