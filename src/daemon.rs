@@ -77,7 +77,19 @@ pub struct DaemonArgs {
 }
 
 pub fn main(args: DaemonArgs) -> ExitCode {
+    // Before anything opens a file or starts a thread: the activated descriptors start at 3, and
+    // the environment is changed (the variables are for us, not for the shims we spawn).
+    let activation = crate::systemd::Activation::from_env();
+    let notifier = crate::systemd::Notifier::from_env();
     crate::init_logging();
+    let activation = match activation {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("socket activation: {e}");
+            eprintln!("error: socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -85,9 +97,10 @@ pub fn main(args: DaemonArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    match rt.block_on(run(args, activation, notifier.clone())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            notifier.send(&format!("STATUS=failed: {e:#}"));
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -95,7 +108,12 @@ pub fn main(args: DaemonArgs) -> ExitCode {
     }
 }
 
-async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+async fn run(
+    args: DaemonArgs,
+    mut activation: crate::systemd::Activation,
+    notifier: crate::systemd::Notifier,
+) -> anyhow::Result<()> {
+    notifier.send("STATUS=starting");
     if !args.cgroup_parent.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         || args.cgroup_parent.is_empty()
     {
@@ -143,16 +161,36 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    if let Some(parent) = api_socket.parent() {
-        std::fs::create_dir_all(parent)?;
+    let (api_listener, api_activated) = match activation.take_unix("api")? {
+        Some(listener) => {
+            // systemd owns this socket (path, mode, group): use it as it is, never remove it.
+            listener.set_nonblocking(true).context("cannot use the socket-activated API socket")?;
+            let listener =
+                tokio::net::UnixListener::from_std(listener).context("cannot use the socket-activated API socket")?;
+            (listener, true)
+        }
+        None => (bind_api_socket(&api_socket).await?, false),
+    };
+    // The proxy ports systemd may pass (deliverous-http.socket, deliverous-https.socket) are for
+    // the proxy; until it takes activated sockets they are closed here, and said so.
+    for name in ["http", "https"] {
+        let listeners = activation.take_tcp(name)?;
+        if !listeners.is_empty() {
+            let addrs: Vec<String> =
+                listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+            tracing::warn!(
+                "socket-activated {name:?} ({}) is not used: the proxy listens on its own addresses \
+                 (--http-listen, --https-listen); disable the socket unit that passes it",
+                addrs.join(" ")
+            );
+        }
     }
-    if tokio::net::UnixStream::connect(&api_socket).await.is_ok() {
-        bail!("another daemon already serves {}", api_socket.display());
+    for name in activation.remaining() {
+        tracing::warn!(
+            "socket-activated {name:?} is not used: this daemon serves only \"api\", \"http\" and \"https\""
+        );
     }
-    let _ = std::fs::remove_file(&api_socket);
-    let api_listener = tokio::net::UnixListener::bind(&api_socket)
-        .with_context(|| format!("cannot listen on {}", api_socket.display()))?;
-    std::fs::set_permissions(&api_socket, std::fs::Permissions::from_mode(0o660))?;
+    drop(activation);
 
     let net = Arc::new(HostNetwork::new(net_config).context("invalid network settings")?);
     {
@@ -176,6 +214,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     let events = Arc::new(crate::events::Events::open(&args.data_dir));
     let sup = Supervisor::new(settings, store, images, net, routes.clone(), events);
+    notifier.send("STATUS=re-attaching to running instances");
     sup.recover().await.context("cannot recover instances from the previous run")?;
     sup.events().emit(
         crate::events::Kind::DaemonStarted,
@@ -187,19 +226,44 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::proxy::cli::serve_metrics(l, routes.clone()));
     }
-    tracing::info!(
-        "proxy listening on {:?} (https: {:?}), API on {}",
-        proxy.http_addrs,
-        proxy.https_addrs,
-        api_socket.display()
-    );
+    let api_where = if api_activated {
+        "API on the socket-activated descriptor \"api\"".to_string()
+    } else {
+        format!("API on {}", api_socket.display())
+    };
+    tracing::info!("proxy listening on {:?} (https: {:?}), {api_where}", proxy.http_addrs, proxy.https_addrs);
 
     let app = crate::api::router(sup.clone());
-    axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await.context("API server failed")?;
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving: {api_where}, proxy on {}",
+        proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
+    ));
+    if let Some(every) = notifier.watchdog_interval() {
+        // The pings come from the async runtime that serves the API and supervises instances:
+        // if it stops scheduling tasks, they stop, and systemd restarts the daemon.
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notifier.send("WATCHDOG=1");
+            }
+        });
+    }
+    let stopping = notifier.clone();
+    axum::serve(api_listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.send("STOPPING=1\nSTATUS=stopping; instances keep running");
+        })
+        .await
+        .context("API server failed")?;
 
     drop(proxy);
     sup.shutdown();
-    let _ = std::fs::remove_file(&api_socket);
+    if !api_activated {
+        let _ = std::fs::remove_file(&api_socket);
+    }
     tracing::info!("daemon stopped");
     Ok(())
 }
@@ -216,6 +280,31 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down; instances keep running");
 }
+
+/// Binds the API socket at `path`: mode 0660, group `deliverous` when that group exists (its
+/// members may use the API without root).
+async fn bind_api_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        bail!("another daemon already serves {}", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    match nix::unistd::Group::from_name(API_GROUP) {
+        Ok(Some(group)) => nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("cannot give {} to group {API_GROUP}", path.display()))?,
+        Ok(None) => tracing::debug!("no group {API_GROUP}: the API socket is for root only"),
+        Err(e) => tracing::warn!("cannot look up group {API_GROUP}: {e}; the API socket is for root only"),
+    }
+    Ok(listener)
+}
+
+/// Members of this group may use the API socket.
+const API_GROUP: &str = "deliverous";
 
 /// One daemon per data dir: a second one would fight the first over every instance.
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
