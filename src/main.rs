@@ -7,6 +7,7 @@ mod apps;
 mod cli;
 mod daemon;
 mod events;
+mod install;
 mod logs;
 mod proxy;
 mod supervisor;
@@ -61,6 +62,10 @@ enum Command {
     Daemon(daemon::DaemonArgs),
     /// Run the reverse proxy alone, with a route table from a file (re-read on SIGHUP).
     Proxy(proxy::cli::StandaloneArgs),
+    /// Install the binary and the systemd units, and enable them (or remove them: --uninstall).
+    #[command(after_help = "Examples:\n  sudo deliverous install\n  deliverous install --root ./pkgroot   \
+        # stage the files for a package\n  sudo deliverous install --uninstall --dry-run")]
+    Install(install::InstallArgs),
     /// Run one instance's shim (started by the daemon).
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         }
         Command::Daemon(args) => daemon::main(args),
         Command::Proxy(args) => proxy::cli::standalone(args),
+        Command::Install(args) => install::main(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Apply(args) => with_client(&cli.host, |host| async move { cli::run_apply(&host, args).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
