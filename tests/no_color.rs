@@ -72,6 +72,20 @@ fn progress_bars_only_on_terminals_without_no_color() {
     assert!(!text.contains('\u{1b}'), "escape sequence into a pipe:\n{text:?}");
     assert!(text.contains("layer "), "{text}");
 
+    // clap's help follows the same rules (it styles headings on a terminal).
+    let help = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new("script");
+        cmd.args(["-qefc", &format!("{BINARY} app --help"), "/dev/null"]).env_remove("NO_COLOR").env("TERM", "xterm");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("run script");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(help(&[]).contains("\u{1b}["), "help on a terminal is styled:\n{:?}", help(&[]));
+    let plain = help(&[("NO_COLOR", "1")]);
+    assert!(!plain.contains('\u{1b}') && plain.contains("Usage"), "help with NO_COLOR:\n{plain:?}");
+
     // Nor colours in the daemon's log file.
     let log = std::fs::read_to_string(daemon.log_path()).expect("read daemon log");
     assert!(!log.contains('\u{1b}'), "escape sequence in the daemon log:\n{log}");

@@ -300,3 +300,27 @@ fn install_stages_files_once_and_uninstall_removes_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be an absolute path"));
     assert!(!Path::new("relative").exists());
 }
+
+#[test]
+fn install_dry_run_on_this_host_changes_nothing_and_says_what_to_do() {
+    let watched =
+        ["/usr/local/bin/deliverous", "/etc/systemd/system/deliverous.service", "/etc/sysusers.d/deliverous.conf"];
+    let before: Vec<bool> = watched.iter().map(|p| Path::new(p).exists()).collect();
+    let had_group = group_gid("deliverous").is_some();
+    let out = run_with_timeout(Command::new(BINARY).args(["install", "--dry-run"]), Duration::from_secs(60))
+        .expect("run install --dry-run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(watched.iter().map(|p| Path::new(p).exists()).collect::<Vec<_>>(), before, "dry run wrote files");
+    assert_eq!(group_gid("deliverous").is_some(), had_group, "dry run changed the groups");
+    assert!(
+        stdout.contains("/usr/local/bin/deliverous") && stdout.contains("/etc/systemd/system/deliverous.socket"),
+        "{stdout}"
+    );
+    if Path::new("/run/systemd/system").is_dir() {
+        assert!(stdout.contains("would run: systemctl enable --now deliverous.socket deliverous.service"), "{stdout}");
+    } else {
+        // Like this test machine: PID 1 is not systemd, so nothing would be enabled.
+        assert!(stdout.contains("systemd is not running"), "{stdout}");
+    }
+}
