@@ -184,7 +184,16 @@ fn serves_the_api_from_a_socket_passed_by_systemd() {
     }
     let registry = Registry::start();
     let image = common::push_testapp(&registry, "demo/testapp:1");
-    let mut daemon = Daemon::start_with(&registry, DaemonOptions { socket_activate: true, ..Default::default() });
+    // Also a proxy port, as deliverous-http.socket would pass it: the daemon says it is unused.
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let mut daemon = Daemon::start_with(
+        &registry,
+        DaemonOptions {
+            socket_activate: true,
+            also_activate: vec![(http.clone(), "http".into())],
+            ..Default::default()
+        },
+    );
     // The whole CLI works through the passed socket.
     daemon.cli_ok(&["image", "pull", &image.reference]);
     daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080"]);
@@ -195,6 +204,10 @@ fn serves_the_api_from_a_socket_passed_by_systemd() {
     daemon.cli_ok(&["app", "rm", "web"]);
     let log = std::fs::read_to_string(daemon.log_path()).unwrap_or_default();
     assert!(log.contains("API on the socket-activated descriptor"), "the daemon used the passed socket:\n{log}");
+    assert!(
+        log.contains(&format!("socket-activated \"http\" ({http}) is not used")),
+        "the unused proxy socket is reported:\n{log}"
+    );
 
     // The socket belongs to whoever passed it: the daemon leaves it in place when it stops.
     let status = daemon.terminate().expect("daemon was running");

@@ -92,6 +92,8 @@ pub struct DaemonOptions {
     /// Start it through `systemd-socket-activate`, which holds the API socket (named `api`) and
     /// starts the daemon on the first connection, passing the socket.
     pub socket_activate: bool,
+    /// More sockets `systemd-socket-activate` listens on and passes: (address, descriptor name).
+    pub also_activate: Vec<(String, String)>,
     /// Start it inside this network namespace (a `/run/netns/NAME` file).
     pub netns: Option<PathBuf>,
     /// The proxy's address, instead of `127.0.0.1:<free port>`.
@@ -175,7 +177,13 @@ impl Daemon {
             // the daemon only the environment it is told to (-E), besides PATH, HOME and TERM.
             std::fs::create_dir_all(self.run_dir()).expect("create run dir");
             let mut cmd = Command::new("systemd-socket-activate");
-            cmd.arg("-l").arg(self.socket()).arg("--fdname=api");
+            cmd.arg("-l").arg(self.socket());
+            let mut names = vec!["api".to_string()];
+            for (addr, name) in &self.options.also_activate {
+                cmd.arg("-l").arg(addr);
+                names.push(name.clone());
+            }
+            cmd.arg(format!("--fdname={}", names.join(":")));
             for (k, v) in &env {
                 cmd.arg(format!("--setenv={k}={v}"));
             }
