@@ -95,7 +95,19 @@ fn restart_max_delay(text: &str) -> Result<u64, String> {
 }
 
 pub fn main(args: DaemonArgs) -> ExitCode {
+    // Before anything opens a file or starts a thread: the activated descriptors start at 3, and
+    // the environment is changed (the variables are for us, not for the shims we spawn).
+    let activation = crate::systemd::Activation::from_env();
+    let notifier = crate::systemd::Notifier::from_env();
     crate::init_logging();
+    let activation = match activation {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("socket activation: {e}");
+            eprintln!("error: socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -103,9 +115,10 @@ pub fn main(args: DaemonArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    match rt.block_on(run(args, activation, notifier.clone())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            notifier.send(&format!("STATUS=failed: {e:#}"));
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -113,7 +126,12 @@ pub fn main(args: DaemonArgs) -> ExitCode {
     }
 }
 
-async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+async fn run(
+    args: DaemonArgs,
+    mut activation: crate::systemd::Activation,
+    notifier: crate::systemd::Notifier,
+) -> anyhow::Result<()> {
+    notifier.send("STATUS=starting");
     if !args.cgroup_parent.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         || args.cgroup_parent.is_empty()
     {
@@ -151,41 +169,65 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         nft_table: args.nft_table.clone(),
         veth_prefix: args.veth_prefix.clone(),
     };
+    // Sockets systemd passes for the proxy (deliverous-http.socket, deliverous-https.socket)
+    // replace --http-listen / --https-listen: the proxy serves exactly those.
+    let mut activated = Vec::new();
+    let (mut http, mut https) = (vec![args.http_listen], args.proxy.https_listen.into_iter().collect::<Vec<_>>());
+    for (name, is_https) in [("http", false), ("https", true)] {
+        let listeners = activation.take_tcp(name)?;
+        if listeners.is_empty() {
+            continue;
+        }
+        let mut addrs = Vec::new();
+        for l in listeners {
+            let addr = l.local_addr().with_context(|| format!("the socket-activated {name:?} socket"))?;
+            l.set_nonblocking(true)?;
+            addrs.push(addr);
+            activated
+                .push((crate::proxy::control::ListenerDesc { addr, https: is_https }, std::os::fd::OwnedFd::from(l)));
+        }
+        tracing::info!("the proxy serves the socket-activated {name:?} sockets {addrs:?}");
+        if is_https {
+            https = addrs;
+        } else {
+            http = addrs;
+        }
+    }
+    for name in activation.remaining() {
+        tracing::warn!(
+            "socket-activated {name:?} is not used: this daemon serves only \"api\", \"http\" and \"https\""
+        );
+    }
     // The proxy first: a port in use is reported at once and leaves no bridge or nft table
     // behind. A proxy still serving from before (daemon restart or crash) is re-attached.
-    if args.proxy.https_listen.is_some() && args.proxy.certs_dir.is_none() {
-        bail!("--https-listen needs a certificate directory (--certs-dir)");
+    if !https.is_empty() && args.proxy.certs_dir.is_none() {
+        bail!("an HTTPS listener needs a certificate directory (--certs-dir)");
     }
     let proxy = crate::proxy::link::ProxyLink::start(crate::proxy::link::LinkConfig {
         run_dir: args.run_dir.clone(),
-        http: vec![args.http_listen],
-        https: args.proxy.https_listen.into_iter().collect(),
+        http,
+        https,
         threads: args.proxy.threads,
         args: args.proxy.to_args(),
         replace: args.upgrade,
-        activated: Vec::new(),
+        activated,
     })
     .await
     .context("cannot start the proxy (choose other --http-listen / --https-listen addresses if the ports are taken)")?;
-    if let Some(parent) = api_socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let api_listener = match inherited_api {
-        Some(l) => tokio::net::UnixListener::from_std(l).context("the handed-over API socket")?,
-        None => {
-            if tokio::net::UnixStream::connect(&api_socket).await.is_ok() {
-                bail!(
-                    "another daemon already serves {} (to replace it, start this one with --upgrade)",
-                    api_socket.display()
-                );
-            }
-            let _ = std::fs::remove_file(&api_socket);
-            let l = tokio::net::UnixListener::bind(&api_socket)
-                .with_context(|| format!("cannot listen on {}", api_socket.display()))?;
-            std::fs::set_permissions(&api_socket, std::fs::Permissions::from_mode(0o660))?;
-            l
+    // The API socket: handed over by the previous daemon (--upgrade), passed by systemd, or
+    // bound here.
+    let (api_listener, api_activated) = match (inherited_api, activation.take_unix("api")?) {
+        (Some(l), _) => (tokio::net::UnixListener::from_std(l).context("the handed-over API socket")?, false),
+        (None, Some(listener)) => {
+            // systemd owns this socket (path, mode, group): use it as it is, never remove it.
+            listener.set_nonblocking(true).context("cannot use the socket-activated API socket")?;
+            let listener =
+                tokio::net::UnixListener::from_std(listener).context("cannot use the socket-activated API socket")?;
+            (listener, true)
         }
+        (None, None) => (bind_api_socket(&api_socket).await?, false),
     };
+    drop(activation);
     let handed_over = Arc::new(tokio::sync::Notify::new());
     {
         use std::os::fd::AsFd;
@@ -216,6 +258,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     let events = Arc::new(crate::events::Events::open(&args.data_dir));
     let sup = Supervisor::new(settings, store, images, net, proxy.clone(), events);
+    notifier.send("STATUS=re-attaching to running instances");
     sup.recover().await.context("cannot recover instances from the previous run")?;
     sup.publish_routes();
     proxy.finish_start().await.context("cannot replace the running proxy")?;
@@ -226,15 +269,35 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         format!("daemon {} started", env!("CARGO_PKG_VERSION")),
     );
 
+    let api_where = if api_activated {
+        "API on the socket-activated descriptor \"api\"".to_string()
+    } else {
+        format!("API on {}", api_socket.display())
+    };
     tracing::info!(
-        "proxy (pid {}) listening on {:?} (https: {:?}), API on {}",
+        "proxy (pid {}) listening on {:?} (https: {:?}), {api_where}",
         proxy.pid(),
         proxy.http_addrs,
-        proxy.https_addrs,
-        api_socket.display()
+        proxy.https_addrs
     );
 
     let app = crate::api::router(sup.clone());
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving: {api_where}, proxy on {}",
+        proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
+    ));
+    if let Some(every) = notifier.watchdog_interval() {
+        // The pings come from the async runtime that serves the API and supervises instances:
+        // if it stops scheduling tasks, they stop, and systemd restarts the daemon.
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notifier.send("WATCHDOG=1");
+            }
+        });
+    }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut server = tokio::spawn(
         axum::serve(api_listener, app)
@@ -249,6 +312,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             false
         }
     };
+    notifier.send(if handing_over {
+        "STOPPING=1\nSTATUS=handing over to a new daemon"
+    } else {
+        "STOPPING=1\nSTATUS=stopping; instances keep running"
+    });
     let _ = stop_tx.send(true);
     // Requests in progress may finish; streams (`logs -f`, `events -f`) are cut after a while.
     if tokio::time::timeout(Duration::from_secs(10), &mut server).await.is_err() {
@@ -264,7 +332,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tracing::info!("no instance runs: stopping the proxy too");
         proxy.stop().await;
     }
-    let _ = std::fs::remove_file(&api_socket);
+    if !api_activated {
+        let _ = std::fs::remove_file(&api_socket);
+    }
     let _ = std::fs::remove_file(crate::handover::socket_path(&args.run_dir));
     tracing::info!("daemon stopped");
     Ok(())
@@ -282,6 +352,31 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down; instances keep running");
 }
+
+/// Binds the API socket at `path`: mode 0660, group `deliverous` when that group exists (its
+/// members may use the API without root).
+async fn bind_api_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        bail!("another daemon already serves {} (to replace it, start this one with --upgrade)", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    match nix::unistd::Group::from_name(API_GROUP) {
+        Ok(Some(group)) => nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("cannot give {} to group {API_GROUP}", path.display()))?,
+        Ok(None) => tracing::debug!("no group {API_GROUP}: the API socket is for root only"),
+        Err(e) => tracing::warn!("cannot look up group {API_GROUP}: {e}; the API socket is for root only"),
+    }
+    Ok(listener)
+}
+
+/// Members of this group may use the API socket.
+const API_GROUP: &str = "deliverous";
 
 /// One daemon per data dir: a second one would fight the first over every instance. With
 /// `wait`, waits for the daemon that is handing over to exit.

@@ -8,9 +8,12 @@ mod cli;
 mod daemon;
 mod events;
 mod handover;
+mod install;
 mod logs;
 mod proxy;
 mod supervisor;
+mod systemd;
+mod terminal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +68,10 @@ enum Command {
     Daemon(daemon::DaemonArgs),
     /// Run the reverse proxy alone, with a route table from a file (re-read on SIGHUP).
     Proxy(proxy::cli::StandaloneArgs),
+    /// Install the binary and the systemd units, and enable them (or remove them: --uninstall).
+    #[command(after_help = "Examples:\n  sudo deliverous install\n  deliverous install --root ./pkgroot   \
+        # stage the files for a package\n  sudo deliverous install --uninstall --dry-run")]
+    Install(install::InstallArgs),
     /// Run one instance's shim (started by the daemon).
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -99,14 +106,7 @@ fn main() -> ExitCode {
             // Until it reports, the shim's stderr is the daemon's: libcontainer's reasons for a
             // failed start end up in the daemon log. Its seccomp module warns about every
             // syscall of our profile that this libseccomp predates; those are skipped on purpose.
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG")
-                        .unwrap_or_else(|_| "warn,libcgroups=error,libcontainer::seccomp=error".into()),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(false)
-                .init();
+            init_logging_with("warn,libcgroups=error,libcontainer::seccomp=error");
             let code = deliverous_runtime::shim::run(deliverous_runtime::shim::ShimConfig {
                 id: a.id,
                 bundle: a.bundle,
@@ -122,6 +122,7 @@ fn main() -> ExitCode {
         }
         Command::Daemon(args) => daemon::main(args),
         Command::Proxy(args) => proxy::cli::standalone(args),
+        Command::Install(args) => install::main(args),
         Command::App(cmd) => with_client(&cli.host, |host| async move { cli::run_app(&host, cmd).await }),
         Command::Apply(args) => with_client(&cli.host, |host| async move { cli::run_apply(&host, args).await }),
         Command::Image(cmd) => with_client(&cli.host, |host| async move { cli::run_image(&host, cmd).await }),
@@ -148,12 +149,21 @@ fn main() -> ExitCode {
 
 /// Logs to stderr, filtered by `DELIVEROUS_LOG` (default `info`).
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging_with("info");
+}
+
+/// Logs to stderr, filtered by `DELIVEROUS_LOG` (else `default_filter`). When stderr is the
+/// journal (run by systemd), lines carry `<N>` priorities and no timestamp; elsewhere colours
+/// only on a terminal and without `NO_COLOR`.
+fn init_logging_with(default_filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DELIVEROUS_LOG").unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if systemd::stderr_is_journal() {
+        builder.with_ansi(false).event_format(systemd::JournalFormat).init();
+    } else {
+        builder.with_ansi(terminal::stderr_escapes()).init();
+    }
 }
 
 fn with_client<F, Fut>(host: &str, f: F) -> ExitCode

@@ -3,8 +3,8 @@
 
 mod apply;
 mod client;
-mod events;
 mod deploys;
+mod events;
 mod progress;
 mod registry;
 
@@ -722,7 +722,7 @@ fn add_settings(body: &mut Value, settings: &Settings) {
 /// `image pull` for people: a progress bar per layer on a terminal, a line per layer otherwise;
 /// then `reference@digest` on stdout.
 async fn pull_with_progress(host: &Host, reference: &str) -> Result<(), CallError> {
-    let mut view = progress::PullView::new(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let mut view = progress::PullView::new(crate::terminal::stderr_escapes());
     eprintln!("pulling {reference}…");
     let mut outcome: Option<Result<Value, String>> = None;
     call_stream(host, Method::POST, "/v1/images/pull", Some(json!({"reference": reference})), |event| {

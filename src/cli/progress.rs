@@ -1,5 +1,6 @@
 //! Pull progress for `deliverous image pull`: on a terminal, one bar per layer (bytes, rate),
-//! redrawn in place; elsewhere (logs, CI), one plain line per finished layer.
+//! redrawn in place; elsewhere (logs, CI) and with `NO_COLOR`, one plain line per finished
+//! layer and no escape sequence (see [`crate::terminal`]).
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -155,7 +155,7 @@ async fn session(stream: UnixStream, state: Arc<ControlState>) {
                 continue;
             }
             Request::Retire => {
-                tracing::info!("a newer proxy took over the listening sockets: winding down");
+                tracing::info!("retired by the daemon: no longer accepting, finishing open connections");
                 let _ = state.retire.send(true);
                 Answer::default()
             }

@@ -149,7 +149,8 @@ impl ProxyLink {
         for (d, fd) in
             held.into_iter().chain(self.cfg.activated.iter().filter_map(|(d, fd)| Some((*d, fd.try_clone().ok()?))))
         {
-            if want(&d) && !out.iter().any(|(o, fd2)| *o == d && fd2.as_raw_fd() == fd.as_raw_fd()) {
+            // The same socket may come twice (from the running proxy and from systemd).
+            if want(&d) && !out.iter().any(|(o, fd2)| *o == d && socket_id(fd2) == socket_id(&fd)) {
                 out.push((d, fd));
             }
         }
@@ -422,6 +423,13 @@ impl ProxyLink {
 /// `0.0.0.0:80` given, `0.0.0.0:80` bound; port 0 matches any port.
 fn same_addr(wanted: SocketAddr, bound: SocketAddr) -> bool {
     wanted.ip() == bound.ip() && (wanted.port() == 0 || wanted.port() == bound.port())
+}
+
+/// The socket's identity (device and inode in sockfs), the same through every duplicate.
+fn socket_id(fd: &OwnedFd) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::from(fd.try_clone().ok()?);
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Whether `pid` runs (and is not a zombie).

@@ -82,12 +82,34 @@ impl CliOutput {
     }
 }
 
+/// How to start a test daemon beyond the defaults ([`Daemon::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Extra `deliverous daemon` flags.
+    pub args: Vec<String>,
+    /// Extra environment variables of the daemon.
+    pub env: Vec<(String, String)>,
+    /// Start it through `systemd-socket-activate`, which holds the API socket (named `api`) and
+    /// starts the daemon on the first connection, passing the socket.
+    pub socket_activate: bool,
+    /// More sockets `systemd-socket-activate` listens on and passes: (address, descriptor name).
+    pub also_activate: Vec<(String, String)>,
+    /// Start it inside this network namespace (a `/run/netns/NAME` file).
+    pub netns: Option<PathBuf>,
+    /// The proxy's address, instead of `127.0.0.1:<free port>`.
+    pub http_listen: Option<String>,
+    /// Set `JOURNAL_STREAM` to the daemon log file's `dev:ino`, as systemd does when stderr is
+    /// the journal: the daemon then writes journald's format into it.
+    pub journal_stream: bool,
+}
+
 pub struct Daemon {
     child: Option<Child>,
     names: DaemonNames,
     http_listen: String,
     registry_addr: String,
     extra_args: Vec<String>,
+    options: DaemonOptions,
     log: PathBuf,
     /// `None` once kept on purpose (mounts could not be removed): never delete through a mount.
     dir: Option<tempfile::TempDir>,
@@ -101,15 +123,24 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with extra `deliverous daemon` flags (kept across restarts).
     pub fn start_with_args(registry: &Registry, extra_args: &[&str]) -> Daemon {
+        Daemon::start_with(
+            registry,
+            DaemonOptions { args: extra_args.iter().map(|s| s.to_string()).collect(), ..Default::default() },
+        )
+    }
+
+    /// Like [`Daemon::start`], started as `options` say (kept across restarts).
+    pub fn start_with(registry: &Registry, options: DaemonOptions) -> Daemon {
         let id = unique_hex(6);
         let dir =
             tempfile::Builder::new().prefix(&format!("dlv-test-{id}-")).tempdir().expect("create daemon temp dir");
         let names = DaemonNames::generate(dir.path().to_path_buf(), id);
         let mut daemon = Daemon {
             child: None,
-            http_listen: format!("127.0.0.1:{}", free_port()),
+            http_listen: options.http_listen.clone().unwrap_or_else(|| format!("127.0.0.1:{}", free_port())),
             registry_addr: registry.addr().to_string(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args: options.args.clone(),
+            options,
             log: names.dir.join("daemon.log"),
             names,
             dir: Some(dir),
@@ -133,7 +164,38 @@ impl Daemon {
             format!("=== harness: starting deliverous daemon (bridge {}, subnet {}) ===\n", n.bridge, n.subnet)
                 .as_bytes(),
         );
-        let mut cmd = Command::new(BINARY);
+        let mut env: Vec<(String, String)> = vec![
+            ("DELIVEROUS_AUTH_FILE".into(), self.auth_file().to_string_lossy().into_owned()),
+            ("DOCKER_CONFIG".into(), self.names.dir.join("docker").to_string_lossy().into_owned()),
+            ("RUST_BACKTRACE".into(), "1".into()),
+            ("DELIVEROUS_LOG".into(), std::env::var("DELIVEROUS_LOG").unwrap_or_else(|_| DAEMON_LOG.into())),
+        ];
+        env.extend(self.options.env.iter().cloned());
+        if self.options.journal_stream {
+            use std::os::unix::fs::MetadataExt;
+            let meta = log.metadata().expect("stat daemon log");
+            env.push(("JOURNAL_STREAM".into(), format!("{}:{}", meta.dev(), meta.ino())));
+        }
+        let mut cmd = if self.options.socket_activate {
+            // It binds the socket before the daemon exists: the run dir must be there. It passes
+            // the daemon only the environment it is told to (-E), besides PATH, HOME and TERM.
+            std::fs::create_dir_all(self.run_dir()).expect("create run dir");
+            let mut cmd = Command::new("systemd-socket-activate");
+            cmd.arg("-l").arg(self.socket());
+            let mut names = vec!["api".to_string()];
+            for (addr, name) in &self.options.also_activate {
+                cmd.arg("-l").arg(addr);
+                names.push(name.clone());
+            }
+            cmd.arg(format!("--fdname={}", names.join(":")));
+            for (k, v) in &env {
+                cmd.arg(format!("--setenv={k}={v}"));
+            }
+            cmd.arg(BINARY);
+            cmd
+        } else {
+            Command::new(BINARY)
+        };
         cmd.arg("daemon")
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -147,13 +209,11 @@ impl Daemon {
             .args(["--nft-table", &n.nft_table])
             .args(&self.extra_args)
             .args(once)
-            .env("DELIVEROUS_AUTH_FILE", self.auth_file())
-            .env("DOCKER_CONFIG", self.names.dir.join("docker"))
-            .env("RUST_BACKTRACE", "1")
-            .env("DELIVEROUS_LOG", std::env::var("DELIVEROUS_LOG").unwrap_or_else(|_| DAEMON_LOG.into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log fd"))
-            .stderr(log);
+            .envs(env);
+        if let Some(netns) = &self.options.netns {
+            super::netns::enter_in_child(&mut cmd, netns);
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("dup log fd")).stderr(log);
         self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot start {BINARY} daemon: {e}")));
     }
 

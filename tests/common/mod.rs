@@ -9,14 +9,16 @@
 mod daemon;
 mod http;
 mod image;
+mod netns;
 mod registry;
 
-pub use daemon::{CliOutput, Daemon, DaemonNames};
+pub use daemon::{CliOutput, Daemon, DaemonNames, DaemonOptions};
 pub use http::{http_get, http_get_retry, try_http_get, Conn, Response};
 pub use image::{
     busybox_rootfs, push_busybox_httpd, push_layered, push_testapp, testapp_binary, testapp_image, Layer, PushedImage,
     TestImage,
 };
+pub use netns::Netns;
 pub use registry::Registry;
 
 use std::collections::hash_map::RandomState;

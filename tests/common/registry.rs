@@ -22,15 +22,21 @@ pub struct Registry {
 impl Registry {
     /// Starts the registry and waits until `GET /v2/` answers. Panics with its log otherwise.
     pub fn start() -> Registry {
-        Registry::start_inner(None)
+        Registry::start_inner(None, None)
+    }
+
+    /// A registry inside `netns`, listening on its veth address (the host reaches it there; so
+    /// does what runs in the namespace). Clients must treat it as insecure (plain HTTP).
+    pub fn start_in_netns(netns: &super::Netns) -> Registry {
+        Registry::start_inner(None, Some(netns))
     }
 
     /// A registry that refuses every request without this user and password (htpasswd).
     pub fn start_with_login(user: &str, password: &str) -> Registry {
-        Registry::start_inner(Some((user.to_string(), password.to_string())))
+        Registry::start_inner(Some((user.to_string(), password.to_string())), None)
     }
 
-    fn start_inner(login: Option<(String, String)>) -> Registry {
+    fn start_inner(login: Option<(String, String)>, netns: Option<&super::Netns>) -> Registry {
         assert!(
             std::path::Path::new(BINARY).exists(),
             "{BINARY} is missing: apt-get install docker-registry (scripts/test does it)"
@@ -50,7 +56,8 @@ impl Registry {
         // The port is free when picked but could be taken before the registry binds it: retry.
         let mut last_error = String::new();
         for _attempt in 0..5 {
-            let addr = format!("127.0.0.1:{}", free_port());
+            let ip = netns.map(|n| n.inner_ip()).unwrap_or("127.0.0.1");
+            let addr = format!("{ip}:{}", free_port());
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,
@@ -64,7 +71,11 @@ impl Registry {
             )
             .expect("write registry config");
             let logfile = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open registry log");
-            let mut child = Command::new(BINARY)
+            let mut cmd = Command::new(BINARY);
+            if let Some(netns) = netns {
+                super::netns::enter_in_child(&mut cmd, &netns.path());
+            }
+            let mut child = cmd
                 .arg("serve")
                 .arg(&config)
                 .stdin(Stdio::null())
