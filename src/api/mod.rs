@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
 use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
 
+mod exec;
+
 pub struct ApiError {
     status: StatusCode,
     message: String,
@@ -367,6 +369,8 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/stop", post(stop_app))
         .route("/v1/apps/{name}/scale", put(scale_app))
         .route("/v1/apps/{name}/logs", get(app_logs))
+        .route("/v1/apps/{name}/run", post(exec::run))
+        .route("/v1/exec", post(exec::exec))
         .route("/v1/events", get(events))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))

@@ -3,6 +3,7 @@
 
 mod apply;
 mod client;
+mod exec;
 mod progress;
 mod registry;
 
@@ -15,6 +16,7 @@ use serde_json::{json, Map, Value};
 pub use apply::{run_apply, ApplyArgs};
 pub use client::Host;
 use client::{call, call_stream, CallError};
+pub use exec::{run_exec, run_run, ExecArgs, RunArgs};
 pub use registry::{run_registry, RegistryCommand};
 
 #[derive(Debug, Subcommand)]

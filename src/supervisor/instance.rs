@@ -48,7 +48,7 @@ fn new_uid() -> String {
 }
 
 impl Supervisor {
-    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+    pub(super) fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let subnet = self.net.config().subnet;
         let first = u32::from(subnet.first_host());
         let last = u32::from(subnet.broadcast());
@@ -143,7 +143,7 @@ impl Supervisor {
 
     /// Blocking: everything an instance needs before its shim runs. Undoes nothing itself: the
     /// caller's `release` removes whatever exists.
-    fn prepare(&self, row: &InstanceRow, rev: &Revision, image: &Image) -> Result<i32, String> {
+    pub(super) fn prepare(&self, row: &InstanceRow, rev: &Revision, image: &Image) -> Result<i32, String> {
         let s = &self.settings;
         let dir = s.instance_dir(&row.uid);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -440,6 +440,15 @@ impl Supervisor {
     /// the others, then converge every app.
     pub async fn recover(self: &Arc<Self>) -> Result<(), SupervisorError> {
         for row in self.store.instances()? {
+            if row.slot == super::run::RUN_SLOT {
+                // A one-off instance's client was attached to the previous daemon: it is gone.
+                tracing::info!(
+                    "one-off instance {} lost its client; removing it",
+                    super::run::run_name(&row.app, &row.uid)
+                );
+                self.release(&row, true).await;
+                continue;
+            }
             let socket = self.settings.shim_socket(&row.uid);
             let state = send_request(&socket, &Request::State, Some(Duration::from_secs(2))).await;
             match state {

@@ -2,7 +2,11 @@
 //! revision) with the instances that actually run, starts and stops instances through their
 //! shims, replaces crashed ones with backoff, and publishes the proxy's route table.
 
+mod exec;
 mod instance;
+mod run;
+
+pub use exec::{ExecOptions, Outcome, Session, SessionIo, DAEMON_ERROR};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
