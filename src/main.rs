@@ -87,6 +87,10 @@ struct ShimExecArgs {
     cwd: Option<String>,
     #[arg(long)]
     tty: bool,
+    #[arg(long, default_value_t = 0)]
+    rows: u16,
+    #[arg(long, default_value_t = 0)]
+    cols: u16,
     #[arg(last = true, required = true)]
     args: Vec<String>,
 }
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
                 user: a.user,
                 cwd: a.cwd,
                 tty: a.tty,
+                size: (a.rows > 0 && a.cols > 0).then_some((a.rows, a.cols)),
             });
             ExitCode::from(code.clamp(0, 255) as u8)
         }

@@ -332,3 +332,24 @@ fn a_one_off_instance_is_collected_by_the_next_daemon() {
     let sleeping = ours(&daemon, |argv| argv.len() == 2 && argv[0] == "sleep" && argv[1] == "300");
     assert!(sleeping.is_empty(), "the one-off command outlived the cleanup: {sleeping:?}");
 }
+
+#[test]
+fn run_with_a_terminal() {
+    let (_registry, daemon, id, _pid) = web();
+    let cli_line = format!(
+        "{} --host unix:{} run -it web -- sh -c 'busybox tty; busybox stty size; echo $GREETING; exit 6'",
+        env!("CARGO_BIN_EXE_deliverous"),
+        daemon.socket().display()
+    );
+    let out = common::run_with_timeout(
+        Command::new("script").args(["-qec", &format!("stty rows 21 cols 77; {cli_line}"), "/dev/null"]),
+        Duration::from_secs(60),
+    )
+    .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/dev/pts/"), "{text:?}\n{}", daemon.log_tail(20));
+    assert!(text.contains("21 77"), "the window size reaches the command: {text:?}");
+    assert!(text.contains("hello"), "{text:?}");
+    assert_eq!(out.status.code(), Some(6), "{text:?}");
+    assert_only_the_app_instance_is_left(&daemon, &id);
+}

@@ -52,6 +52,8 @@ pub struct ExecConfig {
     pub cwd: Option<String>,
     /// Give the command a pty (its master goes to the daemon over the control socket).
     pub tty: bool,
+    /// The pty's rows and columns, set before the command runs.
+    pub size: Option<(u16, u16)>,
 }
 
 /// One line the helper writes on its control socket.
@@ -114,6 +116,7 @@ struct Plan {
     capabilities: Option<oci_spec::runtime::LinuxCapabilities>,
     no_new_privs: bool,
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    size: Option<(u16, u16)>,
 }
 
 /// Runs the helper to completion; returns its own exit code (0 once it reported on the socket).
@@ -250,6 +253,7 @@ fn plan(cfg: &ExecConfig) -> Result<Plan, Failure> {
         capabilities: process.capabilities().clone(),
         no_new_privs: process.no_new_privileges().unwrap_or(true),
         seccomp: linux.seccomp().clone(),
+        size: cfg.size,
     })
 }
 
@@ -361,6 +365,11 @@ fn child(plan: &Plan, pty_tx: Option<UnixStream>) -> Result<std::convert::Infall
     nix::unistd::setsid().map_err(|e| internal(format!("setsid: {e}")))?;
     if let Some(tx) = pty_tx {
         let slave = open_pty(&tx, plan.uid)?;
+        if let Some((rows, cols)) = plan.size {
+            let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+            // SAFETY: TIOCSWINSZ reads a winsize struct that lives for the call.
+            unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        }
         for target in 0..=2 {
             nix::unistd::dup2(slave.as_raw_fd(), target).map_err(|e| internal(format!("dup2: {e}")))?;
         }

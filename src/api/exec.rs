@@ -81,6 +81,8 @@ fn options(body: &AttachBody) -> ExecOptions {
         workdir: body.workdir.clone().filter(|w| !w.is_empty()),
         tty: body.tty,
         stdin: body.stdin,
+        size: (body.rows > 0 && body.cols > 0).then_some((body.rows, body.cols)),
+        combined_output: false,
     }
 }
 

@@ -31,6 +31,10 @@ pub struct ExecOptions {
     pub tty: bool,
     /// Keep stdin open (else the command reads /dev/null).
     pub stdin: bool,
+    /// The client terminal's rows and columns, for the pty.
+    pub size: Option<(u16, u16)>,
+    /// stdout and stderr on one pipe (the session's stdout), in the order they were written.
+    pub combined_output: bool,
 }
 
 /// How an attached command ended, as the client's exit code: the command's own, 128 + signal,
@@ -141,12 +145,26 @@ impl Supervisor {
         }
         if opts.tty {
             cmd.arg("--tty");
+            if let Some((rows, cols)) = opts.size {
+                cmd.arg(format!("--rows={rows}")).arg(format!("--cols={cols}"));
+            }
         }
         cmd.arg("--").args(&opts.argv);
         let piped = !opts.tty;
+        let mut combined = None;
+        let (out, err) = if piped && opts.combined_output {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(format!("pipe: {e}")))?;
+            let w2 = w.try_clone().map_err(|e| failed(format!("pipe: {e}")))?;
+            combined = Some(r);
+            (Stdio::from(w), Stdio::from(w2))
+        } else if piped {
+            (Stdio::piped(), Stdio::piped())
+        } else {
+            (Stdio::null(), Stdio::null())
+        };
         cmd.stdin(if piped && opts.stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(if piped { Stdio::piped() } else { Stdio::null() })
-            .stderr(if piped { Stdio::piped() } else { Stdio::null() })
+            .stdout(out)
+            .stderr(err)
             // Out of the daemon's process group: a ^C to a foreground daemon is not for it.
             .process_group(0)
             .kill_on_drop(false);
@@ -164,7 +182,15 @@ impl Supervisor {
         let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run the exec helper: {e}")))?;
         drop(theirs);
         let stdin = child.stdin.take().map(|s| Box::new(s) as Writer);
-        let stdout = child.stdout.take().map(|s| Box::new(s) as Reader);
+        let mut stdout = child.stdout.take().map(|s| Box::new(s) as Reader);
+        if let Some(r) = combined {
+            // Our copies of the write end went with `cmd`'s spawn; only the helper holds it now.
+            drop(cmd);
+            let receiver = crate::attach::nonblocking(&r)
+                .and_then(|()| tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(r))
+                .map_err(|e| failed(format!("pipe: {e}")))?;
+            stdout = Some(Box::new(receiver));
+        }
         let stderr = child.stderr.take().map(|s| Box::new(s) as Reader);
         // Reap the helper whenever it exits.
         tokio::spawn(async move {
@@ -215,7 +241,7 @@ impl Supervisor {
             .filter(|l| l.state != State::Stopping)
             .and_then(|l| l.pid)
             .ok_or_else(|| format!("instance {instance_uid} is not running"))?;
-        let opts = ExecOptions { argv: argv.to_vec(), ..Default::default() };
+        let opts = ExecOptions { argv: argv.to_vec(), combined_output: true, ..Default::default() };
         let run = async {
             let session = self.exec_in(instance_uid, pid, &opts).await.map_err(|e| e.to_string())?;
             let Session { io, exit, hold } = session;

@@ -588,7 +588,7 @@ fn is_mounted(path: &Path) -> bool {
     info.lines().any(|l| l.split_whitespace().nth(4) == Some(target.as_ref()))
 }
 
-fn read_exit_file(path: &Path) -> Option<ExitStatus> {
+pub(super) fn read_exit_file(path: &Path) -> Option<ExitStatus> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 

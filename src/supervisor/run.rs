@@ -249,15 +249,21 @@ impl Supervisor {
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
+        let size = opts.size;
         let master = console.map(|listener| {
             tokio::spawn(async move {
                 let (stream, _) = listener.accept().await.map_err(|e| format!("console socket: {e}"))?;
                 let stream = stream.into_std().map_err(|e| e.to_string())?;
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                tokio::task::spawn_blocking(move || deliverous_runtime::exec::receive_fd(&stream))
+                let fd = tokio::task::spawn_blocking(move || deliverous_runtime::exec::receive_fd(&stream))
                     .await
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "no terminal came over the console socket".to_string())
+                    .ok_or_else(|| "no terminal came over the console socket".to_string())?;
+                // Sized while the container is still being created, before its command runs.
+                if let Some((rows, cols)) = size {
+                    crate::attach::set_window_size(&fd, rows, cols);
+                }
+                Ok::<_, String>(fd)
             })
         });
         let mut line = String::new();
@@ -305,7 +311,11 @@ impl Supervisor {
                 tokio::time::timeout(Duration::from_secs(10), wait).await.unwrap_or_else(|_| Err("no exit".into()))
             }
         };
-        let exit = reply.ok().and_then(|r| r.exit);
+        let exit = match reply.ok().and_then(|r| r.exit) {
+            Some(e) => Some(e),
+            // The command ended before we asked, and the shim with it: it left the exit file.
+            None => super::instance::read_exit_file(&self.settings.instance_dir(&row.uid).join("exit.json")),
+        };
         // Without a word from the shim, its processes may still be there: force.
         self.release(row, exit.is_none()).await;
         let _ = std::fs::remove_file(self.settings.instance_dir(&row.uid).join("console.sock"));
