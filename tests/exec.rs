@@ -353,3 +353,39 @@ fn run_with_a_terminal() {
     assert_eq!(out.status.code(), Some(6), "{text:?}");
     assert_only_the_app_instance_is_left(&daemon, &id);
 }
+
+#[test]
+fn a_daemon_stops_promptly_with_attached_sessions_and_leaves_nothing() {
+    let (_registry, mut daemon, id, _pid) = web();
+    let spawn = |args: &[&str]| {
+        let mut child = CliChild(
+            daemon
+                .command(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("CLI"),
+        );
+        let mut reader = std::io::BufReader::new(child.0.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut first).expect("read");
+        assert_eq!(first, "started\n");
+        child
+    };
+    let mut exec = spawn(&["exec", "web.1", "--", "sh", "-c", "echo started; exec sleep 301"]);
+    let mut run = spawn(&["run", "web", "--", "sh", "-c", "echo started; exec sleep 302"]);
+    let started = std::time::Instant::now();
+    let status = daemon.terminate().expect("the daemon ran");
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(14), "the daemon waited for its attached clients");
+    // Both clients learn that the daemon went away.
+    assert_ne!(exec.0.wait().expect("wait").code(), Some(0));
+    assert_ne!(run.0.wait().expect("wait").code(), Some(0));
+    // The exec'd command dies with its helper's connection; the one-off instance is collected
+    // by the next daemon.
+    assert!(wait_until(Duration::from_secs(10), || ours(&daemon, |a| a.iter().any(|x| x == "301")).is_empty()));
+    daemon.restart();
+    assert_only_the_app_instance_is_left(&daemon, &id);
+    assert!(ours(&daemon, |a| a.iter().any(|x| x == "302")).is_empty());
+}
