@@ -389,3 +389,28 @@ fn a_daemon_stops_promptly_with_attached_sessions_and_leaves_nothing() {
     assert_only_the_app_instance_is_left(&daemon, &id);
     assert!(ours(&daemon, |a| a.iter().any(|x| x == "302")).is_empty());
 }
+
+#[test]
+fn removing_an_app_ends_its_one_off_instances() {
+    let (_registry, daemon, id, _pid) = web();
+    let mut run = CliChild(
+        daemon
+            .command(&["run", "web", "--", "sh", "-c", "echo started; exec sleep 303"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("CLI"),
+    );
+    let mut reader = std::io::BufReader::new(run.0.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut first).expect("read");
+    assert_eq!(first, "started\n");
+    daemon.cli_ok(&["app", "rm", "web"]);
+    assert_eq!(run.0.wait().expect("wait").code(), Some(137), "killed: 128 + 9");
+    assert!(ours(&daemon, |a| a.iter().any(|x| x == "303")).is_empty());
+    let instances = daemon.data_dir().join("instances");
+    let left: Vec<_> =
+        std::fs::read_dir(&instances).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "instance dirs left: {left:?} (app instance was {id})");
+}

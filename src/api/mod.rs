@@ -573,6 +573,7 @@ async fn remove_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>
     app.running = false;
     sup.store().update_app(&app)?;
     sup.converge(&name).await?;
+    sup.stop_runs(&name).await;
     let digests = sup.store().app_digests(&name)?;
     sup.store().delete_app(&name)?;
     sup.publish_routes();

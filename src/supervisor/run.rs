@@ -133,6 +133,27 @@ impl Supervisor {
         Ok(Session { io, exit, hold: Box::new(hold) })
     }
 
+    /// Kills `app`'s one-off instances and waits (10 s at most) until they are removed: the
+    /// app is being removed, with the images they run.
+    pub async fn stop_runs(&self, app: &str) {
+        let rows = |store: &crate::apps::store::Store| -> Vec<InstanceRow> {
+            store.instances().unwrap_or_default().into_iter().filter(|r| r.app == app && r.slot == RUN_SLOT).collect()
+        };
+        let runs = rows(&self.store);
+        if runs.is_empty() {
+            return;
+        }
+        let kill = Request::Stop { signal: libc::SIGKILL, timeout_ms: 0 };
+        for row in &runs {
+            tracing::info!(app, "stopping one-off instance {}: its app is removed", run_name(&row.app, &row.uid));
+            let _ = send_request(&self.settings.shim_socket(&row.uid), &kill, Some(Duration::from_secs(10))).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !rows(&self.store).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Blocking: turns a prepared instance into a one-off one: the command instead of the
     /// image's, the extra environment, its own host name, a terminal if asked.
     fn adapt_for_run(&self, row: &InstanceRow, name: &str, opts: &ExecOptions) -> Result<(), String> {
