@@ -47,8 +47,8 @@ fn exec_runs_inside_the_instance_with_its_environment_and_exit_code() {
     let out = daemon.cli(&["exec", "web.1", "--", "sh", "-c", "exit 3"]);
     assert_eq!(code(&out), Some(3), "{out:?}");
 
-    let out = daemon.cli_ok(&["exec", "web", "--", "sh", "-c", "echo $GREETING; hostname; pwd; id -u"]);
-    assert_eq!(out, "hello\nweb.1\n/app\n0\n", "the app's env, hostname, the image's workdir and user");
+    let out = daemon.cli_ok(&["exec", "web", "--", "sh", "-c", "echo $GREETING; hostname; pwd; id -u; echo $HOME"]);
+    assert_eq!(out, "hello\nweb.1\n/app\n0\n/root\n", "the app's env, hostname, the image's workdir and user");
 
     let out = daemon.cli_ok(&[
         "exec",
@@ -157,7 +157,11 @@ fn exec_attaches_stdin_and_a_terminal() {
         daemon.socket().display()
     );
     let out = common::run_with_timeout(
-        Command::new("script").args(["-qec", &format!("stty rows 33 cols 101; {cli_line}"), "/dev/null"]),
+        Command::new("script").args([
+            "-qec",
+            &format!("stty rows 33 cols 101; {cli_line}; code=$?; stty -a; exit $code"),
+            "/dev/null",
+        ]),
         Duration::from_secs(60),
     )
     .expect("script");
@@ -165,6 +169,12 @@ fn exec_attaches_stdin_and_a_terminal() {
     assert!(text.contains("/dev/pts/"), "{text:?}");
     assert!(text.contains("33 101"), "the window size reaches the command: {text:?}");
     assert_eq!(out.status.code(), Some(5), "{text:?}");
+    // The terminal left raw mode when the CLI ended.
+    let settings = text.rsplit("speed").next().unwrap_or_default();
+    let flags: Vec<&str> = settings.split(|c: char| c.is_whitespace() || c == ';').collect();
+    for flag in ["icanon", "echo", "isig"] {
+        assert!(flags.contains(&flag), "{flag} is off after the CLI: {settings}");
+    }
 }
 
 #[test]

@@ -224,16 +224,16 @@ fn plan(cfg: &ExecConfig) -> Result<Plan, Failure> {
 
     let (mut uid, mut gid) = (process.user().uid(), process.user().gid());
     let mut additional_gids = process.user().additional_gids().clone().unwrap_or_default();
-    let mut home = None;
+    let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default();
+    let rootfs = if rootfs.is_absolute() { rootfs } else { cfg.bundle.join(rootfs) };
+    let passwd = user::read_etc_file(&rootfs, "passwd");
     if let Some(who) = cfg.user.as_deref().filter(|u| !u.trim().is_empty()) {
-        let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default();
-        let rootfs = if rootfs.is_absolute() { rootfs } else { cfg.bundle.join(rootfs) };
-        let passwd = user::read_etc_file(&rootfs, "passwd");
         let group = user::read_etc_file(&rootfs, "group");
         let resolved = user::resolve(Some(who), &passwd, &group).map_err(|e| internal(e.to_string()))?;
         (uid, gid, additional_gids) = (resolved.uid, resolved.gid, resolved.additional_gids);
-        home = home_of(&passwd, uid);
     }
+    // As `docker exec`: HOME from the user's passwd entry when the environment has none.
+    let home = home_of(&passwd, uid);
     let env = merge_env(process.env().as_deref().unwrap_or_default(), &cfg.env, home.as_deref());
     let cwd = match cfg.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(c) if c.starts_with('/') => c.to_string(),

@@ -171,9 +171,38 @@ where
             }
         });
     }
+    // With the terminal in raw mode, a signal must not end us before it is restored (the
+    // caller restores it whatever we return).
+    let mut signals = Vec::new();
+    if tty {
+        use tokio::signal::unix::{signal, SignalKind};
+        for kind in [SignalKind::terminate(), SignalKind::hangup(), SignalKind::interrupt()] {
+            if let Ok(s) = signal(kind) {
+                signals.push((kind.as_raw_value(), s));
+            }
+        }
+    }
+    let stopped = async {
+        if signals.is_empty() {
+            return std::future::pending::<i32>().await;
+        }
+        let waits = signals.iter_mut().map(|(n, s)| {
+            let n = *n;
+            Box::pin(async move {
+                s.recv().await;
+                n
+            })
+        });
+        futures_util::future::select_all(waits).await.0
+    };
+    tokio::pin!(stopped);
     let mut stdout = tokio::io::stdout();
     loop {
-        match attach::read_frame(&mut from_daemon).await {
+        let frame = tokio::select! {
+            f = attach::read_frame(&mut from_daemon) => f,
+            n = &mut stopped => return 128 + n,
+        };
+        match frame {
             Ok(Some((STDOUT, data))) => {
                 if stdout.write_all(&data).await.is_err() || stdout.flush().await.is_err() {
                     // Our reader is gone (`| head`): nothing more to show.
