@@ -72,6 +72,12 @@ fn exec_runs_inside_the_instance_with_its_environment_and_exit_code() {
     let out = daemon.cli(&["exec", "web.1", "--", "sh", "-c", "echo out; echo err >&2"]);
     assert_eq!((out.stdout.as_str(), out.stderr.as_str(), code(&out)), ("out\n", "err\n", Some(0)));
 
+    // A background process that keeps the streams open does not hold the exit back for long.
+    let started = std::time::Instant::now();
+    let out = daemon.cli(&["exec", "web.1", "--", "sh", "-c", "sleep 304 & echo bg"]);
+    assert_eq!((out.stdout.as_str(), code(&out)), ("bg\n", Some(0)), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "exec waited for its background process");
+
     // A signal is 128 + its number, as in a shell.
     let out = daemon.cli(&["exec", "web.1", "--", "sh", "-c", "kill -9 $$"]);
     assert_eq!(code(&out), Some(137), "{out:?}");

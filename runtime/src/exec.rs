@@ -138,6 +138,12 @@ pub fn run(cfg: ExecConfig) -> i32 {
             1
         }
         Ok((child, master)) => {
+            // The command's streams are its own now: we must not hold them open past its end.
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                for fd in 0..=2 {
+                    let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+                }
+            }
             send(
                 &mut control,
                 &Report { started: Some(child.as_raw()), ..Default::default() },
