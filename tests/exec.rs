@@ -152,6 +152,28 @@ fn exec_attaches_stdin_and_a_terminal() {
     assert!(status.success(), "{status}");
     assert!(out == data, "cat echoed {} bytes of {}", out.len(), data.len());
 
+    // The client killed: the command and its children are killed.
+    let mut cli = CliChild(
+        daemon
+            .command(&["exec", "web.1", "--", "sh", "-c", "echo started; sleep 305; echo never"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the CLI"),
+    );
+    let mut reader = std::io::BufReader::new(cli.0.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut first).expect("read");
+    assert_eq!(first, "started\n");
+    assert_eq!(ours(&daemon, |a| a.iter().any(|x| x == "305")).len(), 1);
+    let _ = cli.0.kill();
+    let _ = cli.0.wait();
+    assert!(
+        wait_until(Duration::from_secs(10), || ours(&daemon, |a| a.iter().any(|x| x.contains("305"))).is_empty()),
+        "the exec'd command outlived its client"
+    );
+
     // Without -i the command reads nothing.
     let out = daemon.cli_ok(&["exec", "web.1", "--", "sh", "-c", "cat; echo done"]);
     assert_eq!(out, "done\n");

@@ -500,6 +500,8 @@ fn supervise(child: Pid, control: &UnixStream) -> Exit {
             // Nothing is expected from the daemon but the end of the connection.
             let gone = matches!(nix::unistd::read(control.as_raw_fd(), &mut buf), Ok(0) | Err(_));
             if gone {
+                // Its whole process group (it leads its own session): `sh -c` and its children.
+                let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
                 let _ = kill(child, Signal::SIGKILL);
                 killed = true;
             }
