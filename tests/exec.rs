@@ -452,3 +452,61 @@ fn removing_an_app_ends_its_one_off_instances() {
         std::fs::read_dir(&instances).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "instance dirs left: {left:?} (app instance was {id})");
 }
+
+#[test]
+fn a_one_off_instance_shares_the_apps_volumes_and_limits() {
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let daemon = Daemon::start(&registry);
+    daemon.cli_ok(&[
+        "app",
+        "create",
+        "web",
+        "--image",
+        &image.reference,
+        "--port",
+        "8080",
+        "-v",
+        "data:/data",
+        "--memory",
+        "64M",
+    ]);
+    daemon.cli_ok(&["app", "start", "web"]);
+    daemon.cli_ok(&["exec", "web.1", "--", "sh", "-c", "echo from-exec > /data/note"]);
+    let out = daemon.cli_ok(&["run", "web", "--", "sh", "-c", "cat /data/note; echo from-run >> /data/note"]);
+    assert_eq!(out, "from-exec\n");
+    let out = daemon.cli_ok(&["exec", "web", "--", "cat", "/data/note"]);
+    assert_eq!(out, "from-exec\nfrom-run\n");
+    // The memory limit is the app's: read from the one-off instance's cgroup while it runs.
+    let mut cli = CliChild(
+        daemon
+            .command(&["run", "web", "--", "sh", "-c", "cat /proc/self/cgroup; echo end; exec sleep 306"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the CLI"),
+    );
+    let mut reader = std::io::BufReader::new(cli.0.stdout.take().expect("stdout"));
+    let mut uid = None;
+    loop {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut reader, &mut line).expect("read") == 0 || line == "end\n" {
+            break;
+        }
+        let parent = format!("/{}/", daemon.names().cgroup_parent);
+        if let Some((_, rest)) = line.trim().split_once(&parent) {
+            uid = Some(rest.to_string());
+        }
+    }
+    let uid = uid.expect("the one-off instance's cgroup");
+    let file = if common::cgroup_v2() {
+        daemon.cgroup_file(&uid, "memory", "memory.max")
+    } else {
+        daemon.cgroup_file(&uid, "memory", "memory.limit_in_bytes")
+    };
+    let limit = std::fs::read_to_string(&file).unwrap_or_default();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string(), "{}", file.display());
+    drop(cli);
+    assert!(wait_until(Duration::from_secs(30), || !file.exists()), "the one-off cgroup was left");
+}
