@@ -4,6 +4,7 @@
 
 mod api;
 mod apps;
+mod attach;
 mod cli;
 mod daemon;
 mod events;
@@ -56,6 +57,11 @@ enum Command {
     #[command(after_help = "Examples:\n  deliverous events --tail 20\n  deliverous events -f --app web\n  \
         deliverous events --since 10m --json")]
     Events(cli::EventsArgs),
+    /// Run a command inside a running instance, attached to this terminal.
+    Exec(cli::ExecArgs),
+    /// Run a one-off command (migrations, consoles) in a fresh instance of an app's current
+    /// revision, attached to this terminal; the instance is removed afterwards.
+    Run(cli::RunArgs),
     /// Print a shell completion script: `deliverous completions bash > /etc/bash_completion.d/deliverous`.
     Completions { shell: clap_complete::Shell },
     /// Named volumes: ls, rm.
@@ -75,6 +81,31 @@ enum Command {
     /// Run one instance's shim (started by the daemon).
     #[command(hide = true)]
     Shim(ShimArgs),
+    /// Run a command inside a running instance (started by the daemon, control socket on fd 3).
+    #[command(hide = true, name = "shim-exec")]
+    ShimExec(ShimExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ShimExecArgs {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    pid: i32,
+    #[arg(long)]
+    env: Vec<String>,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    cwd: Option<String>,
+    #[arg(long)]
+    tty: bool,
+    #[arg(long, default_value_t = 0)]
+    rows: u16,
+    #[arg(long, default_value_t = 0)]
+    cols: u16,
+    #[arg(last = true, required = true)]
+    args: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +128,12 @@ struct ShimArgs {
     exit_file: PathBuf,
     #[arg(long)]
     cgroups_path: String,
+    /// The container's stdin, stdout and stderr are our descriptors 3, 4 and 5.
+    #[arg(long)]
+    inherit_stdio: bool,
+    /// Give the container a terminal; its master goes to this unix socket.
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +154,24 @@ fn main() -> ExitCode {
                 socket: a.socket,
                 exit_file: a.exit_file,
                 cgroups_path: a.cgroups_path,
+                stdio: match (a.console_socket, a.inherit_stdio) {
+                    (Some(path), _) => deliverous_runtime::shim::ContainerStdio::Console(path),
+                    (None, true) => deliverous_runtime::shim::ContainerStdio::Inherit,
+                    (None, false) => deliverous_runtime::shim::ContainerStdio::Log,
+                },
+            });
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Command::ShimExec(a) => {
+            let code = deliverous_runtime::exec::run(deliverous_runtime::exec::ExecConfig {
+                bundle: a.bundle,
+                pid: a.pid,
+                args: a.args,
+                env: a.env,
+                user: a.user,
+                cwd: a.cwd,
+                tty: a.tty,
+                size: (a.rows > 0 && a.cols > 0).then_some((a.rows, a.cols)),
             });
             ExitCode::from(code.clamp(0, 255) as u8)
         }
@@ -136,6 +191,8 @@ fn main() -> ExitCode {
         }
         Command::Logs(args) => with_client(&cli.host, |host| async move { cli::run_logs(&host, args).await }),
         Command::Events(args) => with_client(&cli.host, |host| async move { cli::run_events(&host, args).await }),
+        Command::Exec(args) => with_client(&cli.host, |host| async move { cli::run_exec(&host, args).await }),
+        Command::Run(args) => with_client(&cli.host, |host| async move { cli::run_run(&host, args).await }),
         Command::Volume(cmd) => with_client(&cli.host, |host| async move { cli::run_volume(&host, cmd).await }),
         Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(cli::run_registry(cmd)),

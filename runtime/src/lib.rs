@@ -4,6 +4,7 @@
 //! Knows nothing of apps, the API or the proxy.
 
 pub mod cgroup;
+pub mod exec;
 pub mod network;
 pub mod rootfs;
 pub mod seccomp;

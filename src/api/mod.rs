@@ -19,6 +19,8 @@ use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
 use crate::events::Kind;
 use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
 
+mod exec;
+
 pub struct ApiError {
     status: StatusCode,
     message: String,
@@ -412,6 +414,8 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/apps/{name}/deploy", post(deploys::deploy_app))
         .route("/v1/apps/{name}/rollback", post(deploys::rollback_app))
         .route("/v1/apps/{name}/revisions", get(deploys::revisions))
+        .route("/v1/apps/{name}/run", post(exec::run))
+        .route("/v1/exec", post(exec::exec))
         .route("/v1/events", get(events))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
@@ -661,6 +665,7 @@ async fn remove_app(State(sup): State<Arc<Supervisor>>, Path(name): Path<String>
     app.running = false;
     sup.store().update_app(&app)?;
     sup.converge(&name).await?;
+    sup.stop_runs(&name).await;
     let digests = sup.store().app_digests(&name)?;
     sup.store().delete_app(&name)?;
     sup.forget_app(&name);

@@ -126,3 +126,38 @@ pub async fn call_stream(
     }
     Ok(())
 }
+
+/// Sends `body` to `path` asking to switch to the attach protocol (src/attach.rs) and returns
+/// the upgraded connection; an error answer is an error, as with `call`.
+pub async fn upgrade(host: &Host, path: &str, body: Value) -> Result<TokioIo<hyper::upgrade::Upgraded>, CallError> {
+    let unreachable = |e: String| {
+        CallError::Unreachable(format!(
+            "cannot reach the deliverous daemon at unix:{}: {e}; is `deliverous daemon` running? (--host or DELIVEROUS_HOST point elsewhere)",
+            host.socket.display()
+        ))
+    };
+    let stream = tokio::net::UnixStream::connect(&host.socket).await.map_err(|e| unreachable(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let payload = Bytes::from(serde_json::to_vec(&body).map_err(|e| unreachable(e.to_string()))?);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("host", "deliverous")
+        .header("content-type", "application/json")
+        .header("connection", "Upgrade")
+        .header("upgrade", crate::attach::UPGRADE)
+        .body(Full::new(payload))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status();
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        let bytes = resp.into_body().collect().await.map_err(broken)?.to_bytes();
+        return Err(api_error(status, &bytes));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(broken)?;
+    Ok(TokioIo::new(upgraded))
+}

@@ -5,6 +5,7 @@ mod apply;
 mod client;
 mod deploys;
 mod events;
+mod exec;
 mod progress;
 mod registry;
 
@@ -18,6 +19,7 @@ pub use apply::{run_apply, ApplyArgs};
 pub use client::Host;
 use client::{call, call_stream, CallError};
 pub use events::{run_events, EventsArgs};
+pub use exec::{run_exec, run_run, ExecArgs, RunArgs};
 pub use registry::{run_registry, RegistryCommand};
 
 #[derive(Debug, Subcommand)]

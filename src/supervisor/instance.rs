@@ -49,7 +49,7 @@ fn new_uid() -> String {
 }
 
 impl Supervisor {
-    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+    pub(super) fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let subnet = self.net.config().subnet;
         let first = u32::from(subnet.first_host());
         let last = u32::from(subnet.broadcast());
@@ -165,7 +165,7 @@ impl Supervisor {
 
     /// Blocking: everything an instance needs before its shim runs. Undoes nothing itself: the
     /// caller's `release` removes whatever exists.
-    fn prepare(&self, row: &InstanceRow, rev: &Revision, image: &Image) -> Result<i32, String> {
+    pub(super) fn prepare(&self, row: &InstanceRow, rev: &Revision, image: &Image) -> Result<i32, String> {
         let s = &self.settings;
         let dir = s.instance_dir(&row.uid);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -480,6 +480,15 @@ impl Supervisor {
     pub async fn recover(self: &Arc<Self>) -> Result<(), SupervisorError> {
         self.load_slots()?;
         for row in self.store.instances()? {
+            if row.slot == super::run::RUN_SLOT {
+                // A one-off instance's client was attached to the previous daemon: it is gone.
+                tracing::info!(
+                    "one-off instance {} lost its client; removing it",
+                    super::run::run_name(&row.app, &row.uid)
+                );
+                self.release(&row, true).await;
+                continue;
+            }
             let socket = self.settings.shim_socket(&row.uid);
             let state = send_request(&socket, &Request::State, Some(Duration::from_secs(2))).await;
             match state {
@@ -634,7 +643,7 @@ fn is_mounted(path: &Path) -> bool {
     info.lines().any(|l| l.split_whitespace().nth(4) == Some(target.as_ref()))
 }
 
-fn read_exit_file(path: &Path) -> Option<ExitStatus> {
+pub(super) fn read_exit_file(path: &Path) -> Option<ExitStatus> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 

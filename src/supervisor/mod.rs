@@ -2,15 +2,17 @@
 //! revision) with the instances that actually run, starts and stops instances through their
 //! shims, replaces crashed ones with backoff, and publishes the proxy's route table.
 
+mod exec;
 mod health;
 mod instance;
 mod restart;
+mod rollout;
+mod run;
 
+pub use exec::{ExecOptions, Outcome, Session, SessionIo, DAEMON_ERROR};
+pub use health::Health;
 use restart::SlotHistory;
 pub use restart::{ExitReason, ExitedSlot, SlotExit};
-mod rollout;
-
-pub use health::Health;
 pub use rollout::DeployError;
 
 use std::collections::HashMap;

@@ -255,7 +255,8 @@ impl Daemon {
         }
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    /// The `deliverous --host … ARGS` command, to run with other stdio than [`Daemon::cli`]'s.
+    pub fn command(&self, args: &[&str]) -> Command {
         let host = format!("unix:{}", self.socket().display());
         let mut cmd = Command::new(BINARY);
         cmd.arg("--host")

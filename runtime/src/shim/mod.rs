@@ -44,6 +44,21 @@ pub struct ShimConfig {
     pub exit_file: PathBuf,
     /// The container's cgroup path, to read OOM kills from.
     pub cgroups_path: String,
+    /// Where the container's stdin, stdout and stderr go.
+    pub stdio: ContainerStdio,
+}
+
+/// Where a container's standard streams go.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ContainerStdio {
+    /// stdin on /dev/null, stdout and stderr into the instance log.
+    #[default]
+    Log,
+    /// The shim's descriptors 3, 4 and 5 are the container's stdin, stdout and stderr: a
+    /// one-off instance attached to a client (`deliverous run`).
+    Inherit,
+    /// A terminal: libcontainer sends the pty master to the unix socket at this path.
+    Console(PathBuf),
 }
 
 /// Runs the shim to completion and returns the process exit code.
@@ -60,7 +75,7 @@ pub fn run(cfg: ShimConfig) -> i32 {
             return 1;
         }
     };
-    let started = match start_container(&cfg.id, &cfg.bundle, &cfg.state_root) {
+    let started = match start_container_with(&cfg.id, &cfg.bundle, &cfg.state_root, &cfg.stdio) {
         Ok(started) => started,
         Err(msg) => {
             log.line("shim", msg.as_bytes());
@@ -87,27 +102,62 @@ pub fn run(cfg: ShimConfig) -> i32 {
     serve(&cfg, started, listener, log)
 }
 
-/// A running container and the read ends of its stdout and stderr pipes.
+/// A running container and the read ends of its stdout and stderr pipes (none when its
+/// streams go elsewhere, see [`ContainerStdio`]).
 pub struct Started {
     pub container: Container,
     pub pid: Pid,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// Builds and starts container `id` from `bundle` (its `config.json`), its stdin on /dev/null
 /// and its stdout/stderr on pipes; libcontainer keeps its state under `state_root`. Must run in
 /// a single-threaded process (see ARCHITECTURE.md); the container's init is our child.
 pub fn start_container(id: &str, bundle: &Path, state_root: &Path) -> Result<Started, String> {
-    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    start_container_with(id, bundle, state_root, &ContainerStdio::Log)
+}
+
+/// [`start_container`] with the container's streams where `stdio` says.
+pub fn start_container_with(
+    id: &str,
+    bundle: &Path,
+    state_root: &Path,
+    stdio: &ContainerStdio,
+) -> Result<Started, String> {
+    let inherited = |fd: i32| -> Result<OwnedFd, String> {
+        // SAFETY: duplicating a descriptor the daemon handed us; the copy is ours.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+        if dup < 0 {
+            return Err(format!("descriptor {fd} from the daemon: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fcntl just returned this new descriptor.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+    };
+    let devnull = || std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| format!("/dev/null: {e}"));
+    let (stdin, out_w, err_w, out_r, err_r, console) = match stdio {
+        ContainerStdio::Log => {
+            let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+            let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+            (devnull()?, out_w, err_w, Some(out_r), Some(err_r), None)
+        }
+        ContainerStdio::Inherit => (inherited(3)?, inherited(4)?, inherited(5)?, None, None, None),
+        ContainerStdio::Console(path) => (devnull()?, devnull()?, devnull()?, None, None, Some(path.clone())),
+    };
+    // The daemon's descriptors are the container's now; ours must not keep its pipes open.
+    if *stdio == ContainerStdio::Inherit {
+        for fd in 3..=5 {
+            // SAFETY: closing descriptors we were handed and just duplicated.
+            unsafe { libc::close(fd) };
+        }
+    }
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(state_root)
         .map_err(|e| format!("libcontainer state root {}: {e}", state_root.display()))?
-        .with_stdin(OwnedFd::from(devnull))
+        .with_stdin(stdin)
         .with_stdout(out_w)
         .with_stderr(err_w)
+        .with_console_socket(console)
         .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
@@ -176,8 +226,8 @@ fn serve(cfg: &ShimConfig, started: Started, listener: UnixListener, mut log: Lo
         }
     };
     let mut pipes = [
-        Pipe { fd: Some(stdout), stream: "stdout", lines: LineBuffer::default() },
-        Pipe { fd: Some(stderr), stream: "stderr", lines: LineBuffer::default() },
+        Pipe { fd: stdout, stream: "stdout", lines: LineBuffer::default() },
+        Pipe { fd: stderr, stream: "stderr", lines: LineBuffer::default() },
     ];
     for p in &pipes {
         if let Some(fd) = &p.fd {
