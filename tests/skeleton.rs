@@ -66,7 +66,9 @@ fn declare_configure_launch_scale_remove() {
     assert_eq!(seen, (1..=3).map(|i| format!("web.{i}")).collect(), "30 requests after scale 3");
 
     daemon.cli_ok(&["app", "scale", "web", "7"]);
-    assert_eq!(hostnames(&daemon, "web.localhost", 30).len(), 7);
+    // Sequential requests find every instance idle: the balancer picks at random among them, and
+    // 30 requests miss one of 7 instances 7% of the time; 100 requests, once in a million.
+    assert_eq!(hostnames(&daemon, "web.localhost", 100).len(), 7);
     assert_eq!(instance_count(&daemon, "web"), 7);
 
     daemon.cli_ok(&["app", "scale", "web", "1"]);
