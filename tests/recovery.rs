@@ -110,10 +110,11 @@ fn instance_logs_rotate_at_the_configured_size() {
         let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         assert!(size <= 4096 + 512, "{} is {size} bytes, over the 4K limit", file.display());
     }
-    // The newest requests are in the current file, timestamped and tagged.
-    let text = std::fs::read_to_string(&log).expect("read log");
-    let last = text.lines().last().unwrap_or_default();
-    assert!(last.contains(" stdout ") && last.contains("REQUEST_299"), "last line: {last:?}");
+    // The newest requests are in the current file, timestamped and tagged (the app logs a request
+    // after answering it: the last line may take a moment).
+    let last_line = || std::fs::read_to_string(&log).unwrap_or_default().lines().last().unwrap_or_default().to_string();
+    assert!(wait_until(Duration::from_secs(5), || last_line().contains("REQUEST_299")), "last line: {:?}", last_line());
+    assert!(last_line().contains(" stdout "), "last line: {:?}", last_line());
 }
 
 #[test]
