@@ -425,7 +425,24 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", delete(remove_volume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
+        .layer(axum::middleware::from_fn_with_state(sup.clone(), routes_in_effect))
         .with_state(sup)
+}
+
+/// A change answered is a change in effect: requests that change something are answered once
+/// the proxy process has the route table they led to (at most 5 s later; it is pushed in the
+/// background).
+async fn routes_in_effect(
+    State(sup): State<Arc<Supervisor>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let changes = request.method() != axum::http::Method::GET && request.method() != axum::http::Method::HEAD;
+    let response = next.run(request).await;
+    if changes && !sup.routes().synced(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("the proxy has not taken the new route table yet");
+    }
+    response
 }
 
 /// The proxy's counters and histograms, in the Prometheus text format.

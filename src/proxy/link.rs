@@ -374,6 +374,14 @@ impl ProxyLink {
         });
     }
 
+    /// Waits (at most `timeout`) until the proxy has the newest table; false if it did not.
+    pub async fn synced(&self, timeout: Duration) -> bool {
+        let target = self.latest.borrow().0;
+        let mut delivered = self.delivered.subscribe();
+        let reached = matches!(tokio::time::timeout(timeout, delivered.wait_for(|d| *d >= target)).await, Ok(Ok(_)));
+        reached
+    }
+
     /// Waits until the proxy has the newest table (so `ip` gets no new requests), then until no
     /// request to `ip` is in flight, or `timeout`. Returns how many were still in flight.
     pub async fn drain(&self, ip: IpAddr, timeout: Duration) -> usize {

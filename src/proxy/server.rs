@@ -140,6 +140,8 @@ struct Shared {
     /// Set when a newer proxy has taken over the listeners: answers say `Connection: close`,
     /// and what stays open is closed gracefully a little later.
     retiring: watch::Receiver<bool>,
+    /// The same, for the per-request check (a plain load, no lock).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// Gives freed memory back to the system after a wave of connections has closed. Each idle
@@ -185,6 +187,8 @@ pub struct ProxyHandle {
     pub https_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     retire: watch::Sender<bool>,
+    /// One per worker thread, so that its connections wait on a channel no other core touches.
+    retire_workers: Vec<watch::Sender<bool>>,
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Reloads the HTTPS certificates when their files change, for as long as the proxy runs.
@@ -196,7 +200,11 @@ impl ProxyHandle {
     /// connections down: HTTP/1 answers carry `Connection: close`, and after [`RETIRE_LINGER`]
     /// the connections still open are shut down gracefully (h2: GOAWAY; idle HTTP/1: closed).
     pub fn retire(&self) {
+        self.shared.retired.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.retire.send(true);
+        for w in &self.retire_workers {
+            let _ = w.send(true);
+        }
     }
 
     /// Client connections open now, all workers together.
@@ -338,17 +346,28 @@ pub fn start_on(
         client_timeout: options.client_timeout,
         open: std::sync::atomic::AtomicUsize::new(0),
         retiring: retire_rx,
+        retired: std::sync::atomic::AtomicBool::new(false),
     });
     let (shutdown, rx) = watch::channel(false);
     let _certs = options.certs.as_ref().map(|c| c.watch(CERT_POLL));
-    let mut handle =
-        ProxyHandle { http_addrs, https_addrs, shutdown, retire, shared: shared.clone(), threads: Vec::new(), _certs };
+    let mut handle = ProxyHandle {
+        http_addrs,
+        https_addrs,
+        shutdown,
+        retire,
+        retire_workers: Vec::new(),
+        shared: shared.clone(),
+        threads: Vec::new(),
+        _certs,
+    };
     for (i, listeners) in per_worker.into_iter().enumerate() {
         let shared = shared.clone();
         let rx = rx.clone();
+        let (retire_tx, retiring) = watch::channel(false);
+        handle.retire_workers.push(retire_tx);
         let t = std::thread::Builder::new()
             .name(format!("dlv-proxy-{i}"))
-            .spawn(move || worker(i == 0, listeners, shared, rx))
+            .spawn(move || worker(i == 0, listeners, shared, rx, retiring))
             .map_err(ProxyError::Thread)?;
         handle.threads.push(t);
     }
@@ -378,6 +397,7 @@ fn worker(
     listeners: Vec<(std::net::TcpListener, bool)>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    retiring: watch::Receiver<bool>,
 ) {
     let Some(rt) = runtime() else { return };
     rt.block_on(async move {
@@ -390,7 +410,7 @@ fn worker(
                     continue;
                 }
             };
-            tokio::spawn(accept_loop(listener, https, forwarder.clone(), shared.clone()));
+            tokio::spawn(accept_loop(listener, https, forwarder.clone(), shared.clone(), retiring.clone()));
         }
         let housekeeping = {
             let forwarder = forwarder.clone();
@@ -419,17 +439,30 @@ fn worker(
     });
 }
 
-async fn accept_loop(listener: TcpListener, https: bool, forwarder: Arc<Forwarder>, shared: Arc<Shared>) {
-    let mut retiring = shared.retiring.clone();
+async fn accept_loop(
+    listener: TcpListener,
+    https: bool,
+    forwarder: Arc<Forwarder>,
+    shared: Arc<Shared>,
+    retiring: watch::Receiver<bool>,
+) {
+    let mut stop = retiring.clone();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             // The socket stays open in the newer proxy (and the daemon): nothing queued is lost.
-            _ = super::set(&mut retiring) => return,
+            _ = super::set(&mut stop) => return,
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(serve_conn(stream, canonical(peer), https, forwarder.clone(), shared.clone()));
+                tokio::spawn(serve_conn(
+                    stream,
+                    canonical(peer),
+                    https,
+                    forwarder.clone(),
+                    shared.clone(),
+                    retiring.clone(),
+                ));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -446,6 +479,7 @@ async fn serve_conn(
     https: bool,
     forwarder: Arc<Forwarder>,
     shared: Arc<Shared>,
+    retiring: watch::Receiver<bool>,
 ) {
     shared.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _open = OpenConn(shared.clone());
@@ -465,33 +499,37 @@ async fn serve_conn(
     let info = ConnInfo { client, trusted, https };
     match (https, &shared.tls) {
         (true, Some(acceptor)) => match tokio::time::timeout(shared.client_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, &shared).await,
+            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, shared.clone(), retiring).await,
             Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
             Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
         },
-        _ => serve_http(TokioIo::new(stream), info, forwarder, &shared).await,
+        _ => serve_http(TokioIo::new(stream), info, forwarder, shared.clone(), retiring).await,
     }
 }
 
-async fn serve_http<I>(io: I, info: ConnInfo, forwarder: Arc<Forwarder>, shared: &Shared)
-where
+async fn serve_http<I>(
+    io: I,
+    info: ConnInfo,
+    forwarder: Arc<Forwarder>,
+    shared: Arc<Shared>,
+    retiring: watch::Receiver<bool>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = info.client;
     let client_timeout = shared.client_timeout;
-    let retiring = shared.retiring.clone();
     let service = {
-        let retiring = retiring.clone();
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let forwarder = forwarder.clone();
             let info = info.clone();
-            let retiring = retiring.clone();
+            let shared = shared.clone();
             async move {
                 let http1 = req.version() < hyper::Version::HTTP_2;
                 let mut resp = forwarder.handle(req, &info).await;
                 // A retiring proxy ends each HTTP/1 connection after its current answer: the
                 // client's next request opens a connection to the newer proxy.
-                if http1 && *retiring.borrow() && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                let retired = shared.retired.load(std::sync::atomic::Ordering::Relaxed);
+                if http1 && retired && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
                     resp.headers_mut()
                         .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
                 }
