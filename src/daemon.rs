@@ -74,6 +74,8 @@ pub struct DaemonArgs {
     stop_timeout: u64,
     #[command(flatten)]
     proxy: ProxyFlags,
+    #[command(flatten)]
+    remote_api: crate::api::remote::RemoteApiFlags,
 }
 
 pub fn main(args: DaemonArgs) -> ExitCode {
@@ -143,6 +145,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let remote_api = args.remote_api.bind().await?;
     if let Some(parent) = api_socket.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -195,6 +198,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     );
 
     let app = crate::api::router(sup.clone());
+    let _remote_api = remote_api.map(|r| r.serve(sup.clone(), app.clone()));
     axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await.context("API server failed")?;
 
     drop(proxy);

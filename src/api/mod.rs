@@ -13,6 +13,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub mod openapi;
+pub mod remote;
+mod stats;
+mod tokens;
+
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
 use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
 
@@ -375,13 +380,20 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/images/prune", post(prune_images))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", delete(remove_volume))
+        .route("/v1/stats", get(stats::stats))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{name}", delete(tokens::remove))
+        .route("/v1/openapi.json", get(openapi::document))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
         .with_state(sup)
 }
 
-/// The proxy's counters and histograms, in the Prometheus text format.
+/// The proxy's counters and histograms, then every instance's resource usage, in the
+/// Prometheus text format.
 async fn metrics(State(sup): State<Arc<Supervisor>>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::proxy::metrics::render(sup.routes()))
+    let mut text = crate::proxy::metrics::render(sup.routes());
+    text.push_str(&crate::stats::render(&crate::stats::collect(&sup, None, false).await));
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn create_app(

@@ -9,6 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{now, App, AppSpec, Revision};
 
+mod tokens;
+pub use tokens::TokenRow;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state database: {0}")]
@@ -72,6 +75,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(tokens::SCHEMA)?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 

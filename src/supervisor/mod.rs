@@ -150,6 +150,10 @@ pub struct Supervisor {
     restarts: Mutex<HashMap<String, Restarts>>,
     /// Consecutive quick crashes per app slot, for the restart backoff.
     backoff: Mutex<HashMap<(String, u32), (u32, Instant)>>,
+    /// Unexpected exits per app slot (`web.2`) since the daemon started, for metrics.
+    slot_restarts: Mutex<HashMap<(String, u32), u64>>,
+    /// The previous look at each instance's counters, for rates (CPU %, requests/s).
+    sampler: crate::stats::Sampler,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,6 +180,8 @@ impl Supervisor {
             locks: Mutex::new(HashMap::new()),
             restarts: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            slot_restarts: Mutex::new(HashMap::new()),
+            sampler: crate::stats::Sampler::default(),
         })
     }
 
@@ -309,6 +315,15 @@ impl Supervisor {
 
     pub fn restarts_of(&self, app: &str) -> Restarts {
         lock(&self.restarts).get(app).cloned().unwrap_or_default()
+    }
+
+    /// Unexpected exits of instance `app.slot` since the daemon started.
+    pub fn slot_restarts(&self, app: &str, slot: u32) -> u64 {
+        lock(&self.slot_restarts).get(&(app.to_string(), slot)).copied().unwrap_or(0)
+    }
+
+    pub fn sampler(&self) -> &crate::stats::Sampler {
+        &self.sampler
     }
 
     pub fn live_count(&self) -> usize {
@@ -460,6 +475,7 @@ impl Supervisor {
             entry.last_exit = Some(reason);
             entry.last_exit_at = Some(crate::apps::now());
         }
+        *lock(&self.slot_restarts).entry((row.app.clone(), row.slot)).or_default() += 1;
         let delay = {
             let mut b = lock(&self.backoff);
             let e = b.entry((row.app.clone(), row.slot)).or_insert((0, Instant::now()));

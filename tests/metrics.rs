@@ -1,0 +1,120 @@
+//! Per-instance resource usage read from the instance cgroups (v1 here, v2 in the test VM):
+//! `/metrics` in the Prometheus format, `deliverous top` and the usage columns of `app show`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{http_get, wait_until, Daemon, Registry};
+use serde_json::Value;
+
+/// `GET path` on the daemon's API socket.
+fn api_get(daemon: &Daemon, path: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--unix-socket"])
+        .arg(daemon.socket())
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+fn instance<'a>(top: &'a Value, name: &str) -> &'a Value {
+    top.as_array()
+        .and_then(|a| a.iter().find(|i| i["instance"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {top}"))
+}
+
+#[test]
+fn instance_usage_in_metrics_top_and_app_show() {
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let daemon = Daemon::start(&registry);
+    daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080", "--memory", "64M"]);
+    daemon.cli_ok(&["app", "create", "free", "--image", &image.reference, "--port", "8080"]);
+    daemon.cli_ok(&["app", "start", "web"]);
+    daemon.cli_ok(&["app", "start", "free"]);
+
+    let top = daemon.cli_json(&["top", "--once", "--json"]);
+    let web = instance(&top, "web.1");
+    assert_eq!(web["app"], "web");
+    assert_eq!(web["state"], "running", "{web}");
+    assert_eq!(web["memory_limit_bytes"], 64 << 20, "{web}");
+    assert!(web["memory_bytes"].as_u64().is_some_and(|m| m > 0), "{web}");
+    assert!(web["pids"].as_u64().is_some_and(|p| p >= 1), "{web}");
+    // A first look waits for a second one: the rate is there at once.
+    assert!(web["cpu_percent"].as_f64().is_some_and(|c| c >= 0.0), "{web}");
+    let free = instance(&top, "free.1");
+    assert_eq!(free["memory_limit_bytes"], Value::Null, "no limit is no number: {free}");
+
+    // CPU time grows while the app spins; memory follows what it allocates.
+    let cpu_before = web["cpu_seconds"].as_f64().expect("cpu_seconds");
+    let mem_before = web["memory_bytes"].as_u64().unwrap_or(0);
+    let (status, body) = http_get(daemon.proxy_addr(), "web.localhost", "/spin?ms=1500");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_get(daemon.proxy_addr(), "web.localhost", "/hog?mb=16");
+    assert_eq!(status, 200, "{body}");
+    let top = daemon.cli_json(&["top", "web", "--once", "--json"]);
+    assert_eq!(top.as_array().map(Vec::len), Some(1), "only web's instances: {top}");
+    let web = instance(&top, "web.1");
+    let cpu_after = web["cpu_seconds"].as_f64().expect("cpu_seconds");
+    // The spin got at least some of its 1.5 s of wall time on the CPU (generous: a busy host).
+    assert!(cpu_after - cpu_before >= 0.2, "cpu {cpu_before} -> {cpu_after} after /spin");
+    let mem_after = web["memory_bytes"].as_u64().unwrap_or(0);
+    assert!(mem_after >= mem_before + (12 << 20), "memory {mem_before} -> {mem_after} after /hog?mb=16");
+    assert!(web["requests_total"].as_u64().is_some_and(|n| n >= 2), "{web}");
+
+    // /metrics: the proxy's figures and the instances'.
+    let metrics = api_get(&daemon, "/metrics");
+    let labels = "app=\"web\",instance=\"web.1\"";
+    assert!(metrics.contains("deliverous_proxy_requests_total{app=\"web\""), "{metrics}");
+    assert_eq!(sample(&metrics, "deliverous_instance_up", labels), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "deliverous_instance_memory_limit_bytes", labels), Some(67_108_864.0), "{metrics}");
+    assert!(sample(&metrics, "deliverous_instance_memory_bytes", labels).is_some_and(|m| m > 0.0), "{metrics}");
+    assert!(
+        sample(&metrics, "deliverous_instance_cpu_seconds_total", labels).is_some_and(|c| c >= cpu_after),
+        "{metrics}"
+    );
+    assert!(sample(&metrics, "deliverous_instance_pids", labels).is_some_and(|p| p >= 1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "deliverous_instance_restarts_total", labels), Some(0.0), "{metrics}");
+    assert!(sample(&metrics, "deliverous_instance_up", "app=\"free\",instance=\"free.1\"").is_some(), "{metrics}");
+
+    // A crash counts as a restart of web.1.
+    let _ = common::try_http_get(daemon.proxy_addr(), "web.localhost", "/exit?code=3");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            sample(&api_get(&daemon, "/metrics"), "deliverous_instance_restarts_total", labels) == Some(1.0)
+        }),
+        "no restart counted:\n{}",
+        api_get(&daemon, "/metrics")
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            sample(&api_get(&daemon, "/metrics"), "deliverous_instance_up", labels) == Some(1.0)
+        }),
+        "web.1 did not come back"
+    );
+
+    // People's views.
+    let table = daemon.cli_ok(&["top", "--once"]);
+    let header = table.lines().next().unwrap_or_default();
+    for column in ["APP", "INSTANCE", "STATE", "CPU %", "MEMORY / LIMIT", "PIDS", "RESTARTS", "REQ/S"] {
+        assert!(header.contains(column), "no {column} in:\n{table}");
+    }
+    assert!(table.lines().any(|l| l.starts_with("web ") && l.contains("web.1") && l.contains("/ 64")), "{table}");
+    let show = daemon.cli_ok(&["app", "show", "web"]);
+    assert!(show.contains("CPU %") && show.contains("MEMORY / LIMIT"), "{show}");
+    let row = show.lines().find(|l| l.starts_with("web.1")).unwrap_or_else(|| panic!("no web.1 row:\n{show}"));
+    assert!(row.contains('%') && row.contains("/ 64"), "{row}");
+
+    // Bad input is a clear error.
+    let out = daemon.cli(&["top", "nope", "--once"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("no app named"), "{}", out.stderr);
+}
