@@ -109,6 +109,7 @@ fn instance_usage_in_metrics_top_and_app_show() {
     }
     assert!(table.lines().any(|l| l.starts_with("web ") && l.contains("web.1") && l.contains("/ 64")), "{table}");
     let show = daemon.cli_ok(&["app", "show", "web"]);
+    eprintln!("{table}\n{show}");
     assert!(show.contains("CPU %") && show.contains("MEMORY / LIMIT"), "{show}");
     let row = show.lines().find(|l| l.starts_with("web.1")).unwrap_or_else(|| panic!("no web.1 row:\n{show}"));
     assert!(row.contains('%') && row.contains("/ 64"), "{row}");
