@@ -188,7 +188,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     );
 
     if let Some(l) = metrics_listener {
-        tokio::spawn(crate::proxy::cli::serve_metrics(l, routes.clone()));
+        tokio::spawn(crate::api::stats::serve_metrics(l, sup.clone()));
     }
     tracing::info!(
         "proxy listening on {:?} (https: {:?}), API on {}",

@@ -35,7 +35,8 @@ fn instance<'a>(top: &'a Value, name: &str) -> &'a Value {
 fn instance_usage_in_metrics_top_and_app_show() {
     let registry = Registry::start();
     let image = common::push_testapp(&registry, "demo/testapp:1");
-    let daemon = Daemon::start(&registry);
+    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
+    let daemon = Daemon::start_with_args(&registry, &["--metrics-listen", &metrics_addr]);
     daemon.cli_ok(&["app", "create", "web", "--image", &image.reference, "--port", "8080", "--memory", "64M"]);
     daemon.cli_ok(&["app", "create", "free", "--image", &image.reference, "--port", "8080"]);
     daemon.cli_ok(&["app", "start", "web"]);
@@ -84,6 +85,11 @@ fn instance_usage_in_metrics_top_and_app_show() {
     assert!(sample(&metrics, "deliverous_instance_pids", labels).is_some_and(|p| p >= 1.0), "{metrics}");
     assert_eq!(sample(&metrics, "deliverous_instance_restarts_total", labels), Some(0.0), "{metrics}");
     assert!(sample(&metrics, "deliverous_instance_up", "app=\"free\",instance=\"free.1\"").is_some(), "{metrics}");
+    // The same on --metrics-listen.
+    let (status, body) = http_get(&metrics_addr, "localhost", "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sample(&body, "deliverous_instance_memory_limit_bytes", labels), Some(67_108_864.0), "{body}");
+    assert!(body.contains("deliverous_proxy_requests_total{app=\"web\""), "{body}");
 
     // A crash counts as a restart of web.1.
     let _ = common::try_http_get(daemon.proxy_addr(), "web.localhost", "/exit?code=3");

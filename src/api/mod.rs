@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 pub mod openapi;
 pub mod remote;
-mod stats;
+pub mod stats;
 mod tokens;
 
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};

@@ -27,3 +27,12 @@ pub(super) async fn stats(
     }
     Ok(Json(crate::stats::collect(&sup, q.app.as_deref(), true).await))
 }
+
+/// Serves `GET /metrics` (the proxy's figures and the instances') alone on `listener`, for
+/// `--metrics-listen`.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
+    let app = axum::Router::new().route("/metrics", axum::routing::get(super::metrics)).with_state(sup);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics listener: {e}");
+    }
+}
