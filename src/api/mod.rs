@@ -722,6 +722,24 @@ async fn import_image(
     if !req.path.is_absolute() {
         return Err(ApiError::bad_request(format!("the path {} must be absolute", req.path.display())));
     }
+    // What is not there is the caller's mistake, not the daemon's; a device or a FIFO would be
+    // read forever.
+    match std::fs::metadata(&req.path) {
+        Ok(m) if m.is_file() || m.is_dir() => {}
+        Ok(_) => {
+            return Err(ApiError::bad_request(format!(
+                "{} is neither a file nor a directory: give an image archive or an OCI layout directory",
+                req.path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no file or directory {} on the daemon's host", req.path.display()),
+            ))
+        }
+        Err(e) => return Err(ApiError::bad_request(format!("{}: {e}", req.path.display()))),
+    }
     let reference = match &req.reference {
         Some(r) => Some(deliverous_images::Reference::parse(r).map_err(SupervisorError::from)?),
         None => None,
