@@ -13,7 +13,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -134,7 +134,11 @@ impl RemoteApi {
                 let (app, tls) = (app.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper_util::service::TowerToHyperService::new(app);
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // A client gets 30 s to send a request head: idle or trickling connections
+                    // cannot pile up.
+                    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+                    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30));
                     let result = match tls {
                         Some(tls) => match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
                             Ok(Ok(s)) => builder.serve_connection_with_upgrades(TokioIo::new(s), service).await,
