@@ -25,6 +25,36 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
 
+/// What `deliverous top --interval 300ms` draws on a terminal (a pty from `script`) in 3 s.
+fn live_top(daemon: &Daemon) -> String {
+    use std::io::Read;
+    let command =
+        format!("{} --host unix:{} top --interval 300ms", env!("CARGO_BIN_EXE_deliverous"), daemon.socket().display());
+    let mut child = std::process::Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run script (util-linux)");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // Closing the pty hangs up top (SIGHUP); the kill is for script itself.
+    let _ = child.kill();
+    let _ = child.wait();
+    let socket = daemon.socket().display().to_string();
+    for pid in common::pids_where(|argv| argv.iter().any(|a| a == "top") && argv.iter().any(|a| a.contains(&socket))) {
+        // SAFETY: kill(2) of a `top` this test started (its argv names this daemon's socket).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned()
+}
+
 fn instance<'a>(top: &'a Value, name: &str) -> &'a Value {
     top.as_array()
         .and_then(|a| a.iter().find(|i| i["instance"] == name))
@@ -119,6 +149,12 @@ fn instance_usage_in_metrics_top_and_app_show() {
     assert!(show.contains("CPU %") && show.contains("MEMORY / LIMIT"), "{show}");
     let row = show.lines().find(|l| l.starts_with("web.1")).unwrap_or_else(|| panic!("no web.1 row:\n{show}"));
     assert!(row.contains('%') && row.contains("/ 64"), "{row}");
+
+    // On a terminal, top redraws in place until stopped.
+    let screen = live_top(&daemon);
+    assert!(screen.matches("\x1b[H\x1b[2J").count() >= 2, "no redraw in:\n{screen:?}");
+    assert!(screen.matches("INSTANCE").count() >= 2, "{screen:?}");
+    assert!(screen.contains("web.1"), "{screen:?}");
 
     // Bad input is a clear error.
     let out = daemon.cli(&["top", "nope", "--once"]);
