@@ -91,6 +91,11 @@ fn tcp_api_needs_tls_and_a_valid_token() {
     assert_eq!(code, "401", "{body}");
     let (code, body) = curl(&format!("{host}/v1/apps"), &ca, &["Authorization: Basic YTpi"]);
     assert_eq!(code, "401", "{body}");
+    let log = std::fs::read_to_string(daemon.log_path()).unwrap_or_default();
+    assert!(
+        log.lines().any(|l| l.contains("API request refused") && l.contains("127.0.0.1:") && l.contains("/nowhere")),
+        "refusals are not logged with the client's address:\n{log}"
+    );
     let out = remote_cli(&host, &ca, None, &["app", "ls"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("401") && out.stderr.contains("DELIVEROUS_TOKEN"), "{}", out.stderr);

@@ -47,6 +47,10 @@ pub struct Remote {
     pub token: String,
 }
 
+/// The client's address, on every request that came over TCP.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
 /// The bound TCP listener, before the supervisor exists.
 pub struct RemoteApi {
     listener: tokio::net::TcpListener,
@@ -122,8 +126,8 @@ impl RemoteApi {
         tracing::info!("API also on {} {addr} (bearer tokens)", if tls.is_some() { "https" } else { "http" });
         Serving(tokio::spawn(async move {
             loop {
-                let stream = match listener.accept().await {
-                    Ok((s, _)) => s,
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors, most likely: wait rather than spin.
                         tracing::warn!("API listener: {e}");
@@ -133,7 +137,12 @@ impl RemoteApi {
                 };
                 let (app, tls) = (app.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let app = hyper_util::service::TowerToHyperService::new(app);
+                    // Each request knows where it came from, for the log of refused ones.
+                    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(Peer(peer));
+                        hyper::service::Service::call(&app, req)
+                    });
                     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     // A client gets 30 s to send a request head: idle or trickling connections
                     // cannot pile up.
@@ -159,7 +168,9 @@ impl RemoteApi {
     }
 }
 
-fn unauthorized(message: &str) -> Response {
+fn unauthorized(req: &Request, message: &str) -> Response {
+    let peer = req.extensions().get::<Peer>().map_or_else(|| "?".to_string(), |p| p.0.to_string());
+    tracing::warn!(%peer, method = %req.method(), path = %req.uri().path(), "API request refused: {message}");
     let mut r = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"deliverous\""));
     r
@@ -178,6 +189,7 @@ async fn authenticate(State(sup): State<Arc<Supervisor>>, mut req: Request, next
         .filter(|t| !t.is_empty());
     let Some(given) = given else {
         return unauthorized(
+            &req,
             "this API needs a token: send `Authorization: Bearer TOKEN` (`deliverous token create` on the host makes one; the CLI reads DELIVEROUS_TOKEN)",
         );
     };
@@ -193,14 +205,13 @@ async fn authenticate(State(sup): State<Arc<Supervisor>>, mut req: Request, next
         }
     }
     let Some(row) = found else {
-        return unauthorized("invalid token: it was never issued or has been removed");
+        return unauthorized(&req, "invalid token: it was never issued or has been removed");
     };
     if expired(row, chrono::Utc::now()) {
-        return unauthorized(&format!(
-            "token {} expired at {}: create a new one",
-            row.name,
-            row.expires_at.as_deref().unwrap_or("?")
-        ));
+        return unauthorized(
+            &req,
+            &format!("token {} expired at {}: create a new one", row.name, row.expires_at.as_deref().unwrap_or("?")),
+        );
     }
     if let Err(e) = sup.store().token_used(&row.name, &crate::apps::now()) {
         tracing::warn!("cannot record the use of token {}: {e}", row.name);
