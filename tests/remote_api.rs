@@ -173,6 +173,21 @@ fn tcp_api_needs_tls_and_a_valid_token() {
 
     // The unix socket needs no token.
     daemon.cli_ok(&["app", "ls"]);
+
+    // A renewed certificate (here from another CA) is served without a restart; a handshake
+    // answers at all (401: no token) only when the client trusts the CA that signed it.
+    let renewed = tempfile::Builder::new().prefix("dlv-test-certs-").tempdir().expect("temp dir");
+    issue_cert(renewed.path());
+    let new_ca = renewed.path().join("ca.pem");
+    assert_eq!(curl(&format!("{host}/v1/apps"), &new_ca, &[]).0, "000", "the new CA is trusted before the renewal");
+    std::fs::copy(renewed.path().join("api.key"), &key).expect("renew the key");
+    std::fs::copy(renewed.path().join("api.crt"), &cert).expect("renew the certificate");
+    assert!(
+        common::wait_until(Duration::from_secs(20), || curl(&format!("{host}/v1/apps"), &new_ca, &[]).0 == "401"),
+        "the renewed certificate was not picked up:\n{}",
+        daemon.log_tail(20)
+    );
+    assert_eq!(curl(&format!("{host}/v1/apps"), &ca, &[]).0, "000", "the old certificate is still served");
 }
 
 /// `deliverous daemon` with its own dirs and `extra` flags; what it printed, if it exited.

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use axum::extract::{Request, State};
@@ -99,23 +99,99 @@ impl RemoteApiFlags {
 }
 
 fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("{}: cannot read a PEM certificate chain: {e}", cert.display()))?;
-    if chain.is_empty() {
-        bail!("{}: no CERTIFICATE block", cert.display());
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read a PEM private key: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let loaded = load_cert(cert, key, &provider).map_err(anyhow::Error::msg)?;
+    let files = CertFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        provider: provider.clone(),
+        current: arc_swap::ArcSwap::from_pointee(loaded),
+        checked: std::sync::Mutex::new((Instant::now(), stamps(cert, key))),
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .with_context(|| format!("{} with {}: unusable certificate and key", cert.display(), key.display()))?;
+        .with_cert_resolver(Arc::new(files));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How often a handshake may look at the certificate files for a renewal.
+const RELOAD_CHECK: Duration = Duration::from_secs(5);
+
+/// The API's certificate, re-read when its files change (a renewal needs no restart); a pair
+/// that does not load (half written, mismatched) leaves the previous one in service.
+#[derive(Debug)]
+struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    /// When the files were last looked at, and their modification times then.
+    checked: std::sync::Mutex<(Instant, Stamps)>,
+}
+
+type Stamps = (Option<std::time::SystemTime>, Option<std::time::SystemTime>);
+
+fn stamps(cert: &std::path::Path, key: &std::path::Path) -> Stamps {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    (mtime(cert), mtime(key))
+}
+
+fn load_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: cannot read a PEM certificate chain: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no CERTIFICATE block", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key.display()))?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| format!("{}: unusable private key: {e}", key.display()))?;
+    let loaded = rustls::sign::CertifiedKey::new(chain, signing_key);
+    match loaded.keys_match() {
+        // Unknown: the key cannot tell its public half; rustls accepts that too.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(loaded),
+        Err(e) => Err(format!("{} does not belong to {}: {e}", key.display(), cert.display())),
+    }
+}
+
+impl CertFiles {
+    fn refresh(&self) {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.0.elapsed() < RELOAD_CHECK {
+            return;
+        }
+        checked.0 = Instant::now();
+        let now = stamps(&self.cert, &self.key);
+        if now == checked.1 {
+            return;
+        }
+        // Remembered also when the load fails: one warning per change, not one per handshake.
+        checked.1 = now;
+        match load_cert(&self.cert, &self.key, &self.provider) {
+            Ok(loaded) => {
+                self.current.store(Arc::new(loaded));
+                tracing::info!("API certificate reloaded from {}", self.cert.display());
+            }
+            Err(e) => tracing::warn!("API certificate not reloaded, the previous one stays in service: {e}"),
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertFiles {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.refresh();
+        Some(self.current.load_full())
+    }
 }
 
 impl RemoteApi {
