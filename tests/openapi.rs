@@ -12,15 +12,19 @@ use std::time::{Duration, Instant};
 use common::{free_port, run_with_timeout, Daemon, Registry};
 use serde_json::Value;
 
-const SCHEMATHESIS: &str = "schemathesis>=4,<5";
+/// Pinned: the same checks and generated cases on every run (with the fixed seed below).
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
 
 /// `schemathesis` of a venv under the target dir, installed on first use.
 fn schemathesis() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-venv");
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("schemathesis-{SCHEMATHESIS_VERSION}"));
     let bin = venv.join("bin/schemathesis");
-    if bin.exists() {
+    // Written last: a venv without it is an interrupted install, made again.
+    let installed = venv.join("installed");
+    if installed.exists() {
         return bin;
     }
+    let _ = std::fs::remove_dir_all(&venv);
     let out = run_with_timeout(Command::new("python3").args(["-m", "venv"]).arg(&venv), Duration::from_secs(120))
         .expect("run python3 -m venv");
     assert!(
@@ -29,11 +33,18 @@ fn schemathesis() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = run_with_timeout(
-        Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", SCHEMATHESIS]),
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}")),
         Duration::from_secs(600),
     )
     .expect("run pip install");
-    assert!(out.status.success(), "pip install {SCHEMATHESIS} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pip install schemathesis=={SCHEMATHESIS_VERSION} failed (is PyPI reachable?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&installed, SCHEMATHESIS_VERSION).expect("mark the venv installed");
     bin
 }
 
