@@ -54,8 +54,10 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Fills in the rates of `stats` and remembers this look; forgets instances that are gone.
-    fn rate(&self, stats: &mut [InstanceStats], usec: &[Option<u64>], all: bool) {
+    /// Fills in the rates of `stats` and remembers this look; forgets instances that are gone
+    /// (when `all` are there). Returns whether an instance was seen for the first time.
+    fn rate(&self, stats: &mut [InstanceStats], usec: &[Option<u64>], all: bool) -> bool {
+        let mut first_seen = false;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         for (s, cpu_usec) in stats.iter_mut().zip(usec) {
@@ -84,6 +86,7 @@ impl Sampler {
                     s.requests_per_second = prev.requests_per_second;
                 }
                 None => {
+                    first_seen = true;
                     last.insert(s.id.clone(), fresh(None, None));
                 }
             }
@@ -91,22 +94,33 @@ impl Sampler {
         if all {
             last.retain(|id, _| stats.iter().any(|s| &s.id == id));
         }
+        first_seen
     }
 }
 
-/// Reads the figures of every instance (of `app` only, if given). Rates need a previous look:
-/// with `wait_for_rates`, instances seen for the first time are looked at again after
-/// [`MIN_WINDOW`], so the answer has them.
-pub async fn collect(sup: &std::sync::Arc<Supervisor>, app: Option<&str>, wait_for_rates: bool) -> Vec<InstanceStats> {
-    let mut stats = read(sup, app).await;
-    if wait_for_rates && stats.iter().any(|s| s.cpu_percent.is_none() && s.state != "stopping") {
-        tokio::time::sleep(MIN_WINDOW).await;
-        stats = read(sup, app).await;
-    }
-    stats
+/// How [`collect`] treats rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rates {
+    /// None: counters only, and the previous look stays as it was (for `/metrics`, whose
+    /// scraper computes its own rates).
+    Skip,
+    /// Since the previous look; instances seen for the first time are looked at again after
+    /// [`MIN_WINDOW`], so the answer has them.
+    Wait,
 }
 
-async fn read(sup: &std::sync::Arc<Supervisor>, app: Option<&str>) -> Vec<InstanceStats> {
+/// Reads the figures of every instance (of `app` only, if given).
+pub async fn collect(sup: &std::sync::Arc<Supervisor>, app: Option<&str>, rates: Rates) -> Vec<InstanceStats> {
+    let (stats, first_seen) = read(sup, app, rates).await;
+    if !first_seen {
+        return stats;
+    }
+    tokio::time::sleep(MIN_WINDOW).await;
+    read(sup, app, rates).await.0
+}
+
+/// The figures, and whether (with rates) an instance was seen for the first time.
+async fn read(sup: &std::sync::Arc<Supervisor>, app: Option<&str>, rates: Rates) -> (Vec<InstanceStats>, bool) {
     let apps: Vec<String> = match app {
         Some(a) => vec![a.to_string()],
         None => sup.store().apps().map(|v| v.into_iter().map(|a| a.name).collect()).unwrap_or_default(),
@@ -154,8 +168,8 @@ async fn read(sup: &std::sync::Arc<Supervisor>, app: Option<&str>) -> Vec<Instan
         usec.push(c.cpu_usec);
     }
     usec.resize(stats.len(), None);
-    sup.sampler().rate(&mut stats, &usec, app.is_none());
-    stats
+    let first_seen = rates == Rates::Wait && sup.sampler().rate(&mut stats, &usec, app.is_none());
+    (stats, first_seen)
 }
 
 /// The instances' figures in the Prometheus text format (appended to the proxy's).
@@ -239,14 +253,14 @@ mod tests {
     fn rates_need_a_window() {
         let sampler = Sampler::default();
         let mut first = [instance("a", 10)];
-        sampler.rate(&mut first, &[Some(1_000_000)], true);
+        assert!(sampler.rate(&mut first, &[Some(1_000_000)], true), "seen for the first time");
         assert_eq!(first[0].cpu_percent, None);
         // Pretend the first look was a second ago.
         if let Some(s) = sampler.last.lock().unwrap_or_else(|p| p.into_inner()).get_mut("a") {
             s.at -= Duration::from_secs(1);
         }
         let mut second = [instance("a", 30)];
-        sampler.rate(&mut second, &[Some(1_500_000)], true);
+        assert!(!sampler.rate(&mut second, &[Some(1_500_000)], true));
         let cpu = second[0].cpu_percent.unwrap_or_default();
         assert!((40.0..=50.1).contains(&cpu), "cpu {cpu}");
         let rps = second[0].requests_per_second.unwrap_or_default();

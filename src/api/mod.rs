@@ -392,7 +392,7 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
 /// Prometheus text format.
 async fn metrics(State(sup): State<Arc<Supervisor>>) -> impl axum::response::IntoResponse {
     let mut text = crate::proxy::metrics::render(sup.routes());
-    text.push_str(&crate::stats::render(&crate::stats::collect(&sup, None, false).await));
+    text.push_str(&crate::stats::render(&crate::stats::collect(&sup, None, crate::stats::Rates::Skip).await));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

@@ -25,7 +25,7 @@ pub(super) async fn stats(
     if let Some(app) = &q.app {
         find(&sup, app)?;
     }
-    Ok(Json(crate::stats::collect(&sup, q.app.as_deref(), true).await))
+    Ok(Json(crate::stats::collect(&sup, q.app.as_deref(), crate::stats::Rates::Wait).await))
 }
 
 /// Serves `GET /metrics` (the proxy's figures and the instances') alone on `listener`, for
