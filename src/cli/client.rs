@@ -72,22 +72,28 @@ impl Host {
         let token = std::env::var("DELIVEROUS_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
         let tcp = |rest: &str, tls: bool| -> Result<Host, String> {
             let authority = rest.trim_end_matches('/');
-            let (name, port) = authority
+            let (name, _port) = authority
                 .rsplit_once(':')
                 .filter(|(n, p)| !n.is_empty() && p.parse::<u16>().is_ok())
                 .ok_or_else(|| format!("invalid --host {text:?}: expected https://HOST:PORT"))?;
             if authority.contains('/') || authority.contains('@') {
                 return Err(format!("invalid --host {text:?}: expected https://HOST:PORT, no path"));
             }
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            let loopback = name.eq_ignore_ascii_case("localhost")
+                || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !tls && !loopback {
+                return Err(format!(
+                    "invalid --host {text:?}: plain http:// would send the token in clear over the network; use https://, or http:// to a loopback address only"
+                ));
+            }
             let tls = if tls {
-                let name = name.trim_start_matches('[').trim_end_matches(']');
                 let server = ServerName::try_from(name.to_string())
                     .map_err(|e| format!("invalid --host {text:?}: {name:?} is no host name or address: {e}"))?;
                 Some((client_config()?, server))
             } else {
                 None
             };
-            let _ = port;
             Ok(Host { target: Target::Tcp { authority: authority.to_string(), tls }, token: token.clone() })
         };
         if let Some(rest) = text.strip_prefix("https://") {
@@ -261,4 +267,32 @@ pub async fn call_stream(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        assert!(matches!(Host::parse("unix:/run/x.sock").map(|h| h.target), Ok(Target::Unix(_))));
+        assert!(matches!(Host::parse("/run/x.sock").map(|h| h.target), Ok(Target::Unix(_))));
+        for ok in ["http://127.0.0.1:7443", "http://localhost:7443/", "http://[::1]:7443"] {
+            let host = Host::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(matches!(host.target, Target::Tcp { tls: None, .. }), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:7443",
+            "http://example.com:7443",
+            "https://example.com",
+            "https://:7443",
+            "https://example.com:99999",
+            "https://example.com:7443/v1",
+            "https://user@example.com:7443",
+            "ftp://example.com:21",
+            "relative/api.sock",
+        ] {
+            assert!(Host::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
 }
