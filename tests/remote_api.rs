@@ -173,6 +173,16 @@ fn tcp_api_needs_tls_and_a_valid_token() {
 
     // The unix socket needs no token.
     daemon.cli_ok(&["app", "ls"]);
+    // Creations and removals are events.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket"])
+        .arg(daemon.socket())
+        .arg("http://localhost/v1/events")
+        .output()
+        .expect("run curl");
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(events.lines().any(|l| l.contains("token_created") && l.contains("API token ci ")), "{events}");
+    assert!(events.lines().any(|l| l.contains("token_removed") && l.contains("API token ci ")), "{events}");
 
     // A renewed certificate (here from another CA) is served without a restart; a handshake
     // answers at all (401: no token) only when the client trusts the CA that signed it.

@@ -144,6 +144,12 @@ pub(super) async fn create(
             format!("a token named {name:?} already exists: remove it first (`deliverous token rm {name}`) or pick another name"),
         ));
     }
+    sup.events().emit(
+        crate::events::Kind::TokenCreated,
+        "",
+        None,
+        format!("API token {name} created, expires {}", expires_at.as_deref().unwrap_or("never")),
+    );
     let row = sup.store().token(&name)?;
     Ok((
         StatusCode::CREATED,
@@ -177,6 +183,7 @@ pub(super) async fn remove(
             format!("no token named {name:?}: see `deliverous token ls`"),
         ));
     }
+    sup.events().emit(crate::events::Kind::TokenRemoved, "", None, format!("API token {name} removed"));
     Ok(StatusCode::NO_CONTENT)
 }
 
