@@ -83,6 +83,8 @@ pub struct DaemonArgs {
     upgrade: bool,
     #[command(flatten)]
     proxy: ProxyFlags,
+    #[command(flatten)]
+    remote_api: crate::api::remote::RemoteApiFlags,
 }
 
 fn restart_max_delay(text: &str) -> Result<u64, String> {
@@ -228,6 +230,16 @@ async fn run(
         (None, None) => (bind_api_socket(&api_socket).await?, false),
     };
     drop(activation);
+    let remote_api = args.remote_api.bind().await?;
+    // Served by the daemon (the proxy's figures and the instances'), not by the proxy process.
+    let metrics_listener = match args.proxy.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        ),
+        None => None,
+    };
     let handed_over = Arc::new(tokio::sync::Notify::new());
     {
         use std::os::fd::AsFd;
@@ -269,6 +281,9 @@ async fn run(
         format!("daemon {} started", env!("CARGO_PKG_VERSION")),
     );
 
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::api::stats::serve_metrics(l, sup.clone()));
+    }
     let api_where = if api_activated {
         "API on the socket-activated descriptor \"api\"".to_string()
     } else {
@@ -298,6 +313,7 @@ async fn run(
             }
         });
     }
+    let _remote_api = remote_api.map(|r| r.serve(sup.clone(), app.clone()));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut server = tokio::spawn(
         axum::serve(api_listener, app)

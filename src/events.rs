@@ -40,6 +40,9 @@ pub enum Kind {
     RolledBack,
     DaemonStarted,
     DaemonStopping,
+    /// An API token was created or removed (the audit trail of remote access).
+    TokenCreated,
+    TokenRemoved,
 }
 
 impl Kind {
@@ -66,6 +69,8 @@ impl Kind {
             Kind::RolledBack => "rolled_back",
             Kind::DaemonStarted => "daemon_started",
             Kind::DaemonStopping => "daemon_stopping",
+            Kind::TokenCreated => "token_created",
+            Kind::TokenRemoved => "token_removed",
         }
     }
 }

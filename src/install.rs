@@ -271,7 +271,12 @@ mod tests {
             assert_eq!(text, shipped, "{name}");
         }
         let service = UNITS[0].1;
-        for line in ["Type=notify", "KillMode=process", "Delegate=yes", "ExecStart=/usr/local/bin/deliverous daemon"] {
+        for line in [
+            "Type=notify",
+            "KillMode=process",
+            "Delegate=yes",
+            "ExecStart=/usr/local/bin/deliverous daemon $DELIVEROUS_ARGS",
+        ] {
             assert!(service.lines().any(|l| l == line), "deliverous.service lacks {line}");
         }
         let socket = UNITS[1].1;

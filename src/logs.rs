@@ -48,7 +48,8 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
         _ => None,
     }
     .ok_or_else(bad)?;
-    Ok(now - span)
+    // Further back than a date can go is no time at all; `now - span` would panic.
+    now.checked_sub_signed(span).ok_or_else(bad)
 }
 
 fn parse_line(instance: &str, raw: &str) -> Option<LogLine> {
@@ -180,7 +181,7 @@ mod tests {
         assert_eq!(parse_since("10m", now).unwrap().to_rfc3339(), "2026-01-01T11:50:00+00:00");
         assert_eq!(parse_since("1d", now).unwrap().to_rfc3339(), "2025-12-31T12:00:00+00:00");
         assert_eq!(parse_since("2026-01-01T11:00:00Z", now).unwrap().to_rfc3339(), "2026-01-01T11:00:00+00:00");
-        for bad in ["", "10", "m", "10y", "-5m"] {
+        for bad in ["", "10", "m", "10y", "-5m", "99999999999d", "9223372036854775807s"] {
             assert!(parse_since(bad, now).is_err(), "{bad}");
         }
     }

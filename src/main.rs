@@ -12,6 +12,7 @@ mod handover;
 mod install;
 mod logs;
 mod proxy;
+mod stats;
 mod supervisor;
 mod systemd;
 mod terminal;
@@ -28,9 +29,13 @@ use clap::{Parser, Subcommand};
     about = "Run Twelve-Factor apps from OCI images on one host: no Docker daemon, built-in reverse proxy"
 )]
 struct Cli {
-    /// Daemon API address.
+    /// Daemon API address: unix:/path/api.sock, or https://HOST:PORT for a daemon started with
+    /// --api-listen (the token comes from DELIVEROUS_TOKEN).
     #[arg(long, global = true, env = "DELIVEROUS_HOST", default_value = "unix:/run/deliverous/api.sock")]
     host: String,
+    /// PEM file of the CA that issued the remote daemon's certificate (default: the system's CAs).
+    #[arg(long, global = true, env = "DELIVEROUS_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,6 +72,12 @@ enum Command {
     /// Named volumes: ls, rm.
     #[command(subcommand)]
     Volume(cli::VolumeCommand),
+    /// Live CPU, memory, pids, restarts and requests/s of every instance.
+    #[command(after_help = "Examples:\n  deliverous top\n  deliverous top web --once\n  deliverous top --json")]
+    Top(cli::TopArgs),
+    /// Tokens for the remote API (daemon flag --api-listen): create, ls, rm.
+    #[command(subcommand)]
+    Token(cli::TokenCommand),
     /// Registry credentials: login, logout.
     #[command(subcommand)]
     Registry(cli::RegistryCommand),
@@ -138,6 +149,7 @@ struct ShimArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cli::set_ca_file(cli.ca.clone());
     match cli.command {
         Command::Shim(a) => {
             // Until it reports, the shim's stderr is the daemon's: libcontainer's reasons for a
@@ -193,6 +205,8 @@ fn main() -> ExitCode {
         Command::Events(args) => with_client(&cli.host, |host| async move { cli::run_events(&host, args).await }),
         Command::Exec(args) => with_client(&cli.host, |host| async move { cli::run_exec(&host, args).await }),
         Command::Run(args) => with_client(&cli.host, |host| async move { cli::run_run(&host, args).await }),
+        Command::Top(args) => with_client(&cli.host, |host| async move { cli::run_top(&host, args).await }),
+        Command::Token(cmd) => with_client(&cli.host, |host| async move { cli::run_token(&host, cmd).await }),
         Command::Volume(cmd) => with_client(&cli.host, |host| async move { cli::run_volume(&host, cmd).await }),
         Command::Registry(cmd) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(cli::run_registry(cmd)),

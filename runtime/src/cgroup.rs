@@ -1,6 +1,7 @@
 //! Finds an instance's cgroup directories on cgroup v1 (one per controller hierarchy) or v2
-//! (one unified hierarchy), kills what runs in them and removes them. Used to clean up after
-//! a shim that died; the shim's normal path lets libcontainer do this.
+//! (one unified hierarchy), reads its resource usage ([`stats`]), kills what runs in it and
+//! removes it. Cleaning up is for a shim that died; the shim's normal path lets libcontainer
+//! do it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -87,9 +88,166 @@ pub fn remove_empty(cgroups_path: &str) {
     }
 }
 
+/// What an instance's cgroup has used, as the kernel counts it. `None`: the file is missing
+/// or unreadable (controller not mounted, cgroup gone), never a guessed zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// CPU time used by every process of the cgroup, ever, in microseconds.
+    pub cpu_usec: Option<u64>,
+    /// Memory in use, page cache that can be dropped at once (inactive file pages) excluded,
+    /// as `docker stats` counts it.
+    pub memory_bytes: Option<u64>,
+    /// The memory limit; `None` also when there is none.
+    pub memory_limit: Option<u64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+}
+
+/// Where the controllers this module reads are mounted: read once per process from
+/// `/proc/self/mountinfo` (cgroup mounts do not move while the daemon runs), so a scrape of
+/// many instances costs a few small reads per instance and nothing more.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Layout {
+    /// The unified hierarchy when the host runs cgroup v2 only.
+    unified: Option<PathBuf>,
+    cpuacct: Option<PathBuf>,
+    memory: Option<PathBuf>,
+    pids: Option<PathBuf>,
+}
+
+fn layout() -> &'static Layout {
+    static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        parse_layout(&text, unified())
+    })
+}
+
+fn parse_layout(mountinfo: &str, unified: bool) -> Layout {
+    let mut layout = Layout::default();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let mut post = post.split_whitespace();
+        let (Some(fstype), _, Some(options)) = (post.next(), post.next(), post.next()) else { continue };
+        let Some(mount_point) = pre.split_whitespace().nth(4) else { continue };
+        let path = PathBuf::from(mount_point);
+        match fstype {
+            "cgroup2" if unified && mount_point == "/sys/fs/cgroup" => layout.unified = Some(path),
+            "cgroup" => {
+                for controller in options.split(',') {
+                    let slot = match controller {
+                        "cpuacct" => &mut layout.cpuacct,
+                        "memory" => &mut layout.memory,
+                        "pids" => &mut layout.pids,
+                        _ => continue,
+                    };
+                    slot.get_or_insert_with(|| path.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    layout
+}
+
+/// The resource usage of the cgroup at `cgroups_path` (e.g. `/deliverous/abc`), on v1 or v2.
+pub fn stats(cgroups_path: &str) -> Stats {
+    let rel = cgroups_path.trim_start_matches('/');
+    let layout = layout();
+    let read = |base: &Option<PathBuf>, file: &str| {
+        base.as_ref().and_then(|b| std::fs::read_to_string(b.join(rel).join(file)).ok())
+    };
+    match &layout.unified {
+        Some(root) => {
+            let dir = root.join(rel);
+            let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
+            Stats {
+                cpu_usec: read("cpu.stat").and_then(|t| stat_field(&t, "usage_usec")),
+                memory_bytes: read("memory.current").and_then(|t| number(&t)).map(|current| {
+                    let inactive = read("memory.stat").and_then(|t| stat_field(&t, "inactive_file")).unwrap_or(0);
+                    current.saturating_sub(inactive)
+                }),
+                memory_limit: read("memory.max").and_then(|t| limit(&t)),
+                pids: read("pids.current").and_then(|t| number(&t)),
+            }
+        }
+        None => Stats {
+            cpu_usec: read(&layout.cpuacct, "cpuacct.usage").and_then(|t| number(&t)).map(|ns| ns / 1000),
+            memory_bytes: read(&layout.memory, "memory.usage_in_bytes").and_then(|t| number(&t)).map(|usage| {
+                let stat = read(&layout.memory, "memory.stat").unwrap_or_default();
+                usage.saturating_sub(stat_field(&stat, "total_inactive_file").unwrap_or(0))
+            }),
+            memory_limit: read(&layout.memory, "memory.limit_in_bytes").and_then(|t| limit(&t)),
+            pids: read(&layout.pids, "pids.current").and_then(|t| number(&t)),
+        },
+    }
+}
+
+fn number(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+/// `max` (v2) or the page-rounded `i64::MAX` v1 writes for "no limit" are no limit.
+fn limit(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t == "max" {
+        return None;
+    }
+    number(t).filter(|n| *n < (1 << 62))
+}
+
+/// The value of `key` in a flat keyed file (`cpu.stat`, `memory.stat`: `key value` lines).
+fn stat_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| number(v)).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layout_of_a_v1_hybrid_host() {
+        let info = "30 23 0:26 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n\
+                    32 23 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                    33 23 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n\
+                    31 23 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let l = parse_layout(info, false);
+        assert_eq!(l.unified, None);
+        assert_eq!(l.memory, Some(PathBuf::from("/sys/fs/cgroup/memory")));
+        assert_eq!(l.cpuacct, Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(l.pids, Some(PathBuf::from("/sys/fs/cgroup/pids")));
+    }
+
+    #[test]
+    fn layout_of_a_v2_host() {
+        let info = "27 22 0:24 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        let l = parse_layout(info, true);
+        assert_eq!(l.unified, Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(l.memory, None);
+    }
+
+    #[test]
+    fn v2_file_formats() {
+        let cpu_stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\nnr_periods 0\n";
+        assert_eq!(stat_field(cpu_stat, "usage_usec"), Some(1_234_567));
+        assert_eq!(stat_field(cpu_stat, "usage"), None);
+        let memory_stat = "anon 4096\nfile 8192\ninactive_anon 0\nactive_file 4096\ninactive_file 4096\n";
+        assert_eq!(stat_field(memory_stat, "inactive_file"), Some(4096));
+        assert_eq!(stat_field(memory_stat, "file"), Some(8192));
+        assert_eq!(limit("max\n"), None);
+        assert_eq!(limit("134217728\n"), Some(134_217_728));
+        assert_eq!(number("17\n"), Some(17));
+        assert_eq!(number("garbage"), None);
+    }
+
+    #[test]
+    fn v1_no_limit_is_none() {
+        assert_eq!(limit("9223372036854771712\n"), None);
+        assert_eq!(limit("268435456"), Some(268_435_456));
+    }
 
     #[test]
     fn finds_v1_and_v2_mounts() {

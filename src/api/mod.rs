@@ -15,6 +15,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub mod openapi;
+pub mod remote;
+pub mod stats;
+mod tokens;
+
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
 use crate::events::Kind;
 use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
@@ -424,6 +429,10 @@ pub fn router(sup: Arc<Supervisor>) -> Router {
         .route("/v1/images/prune", post(prune_images))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", delete(remove_volume))
+        .route("/v1/stats", get(stats::stats))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{name}", delete(tokens::remove))
+        .route("/v1/openapi.json", get(openapi::document))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /v1/apps and /v1/images") })
         .layer(axum::middleware::from_fn_with_state(sup.clone(), routes_in_effect))
         .with_state(sup)
@@ -445,9 +454,17 @@ async fn routes_in_effect(
     response
 }
 
-/// The proxy's counters and histograms, in the Prometheus text format.
+/// The proxy's counters and histograms (asked of the proxy process), then every instance's
+/// resource usage, in the Prometheus text format.
 async fn metrics(State(sup): State<Arc<Supervisor>>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], sup.routes().metrics().await)
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics_text(&sup).await)
+}
+
+/// What `/metrics` serves, on the API socket and on `--metrics-listen`.
+pub async fn metrics_text(sup: &Arc<Supervisor>) -> String {
+    let mut text = sup.routes().metrics().await;
+    text.push_str(&crate::stats::render(&crate::stats::collect(sup, None, crate::stats::Rates::Skip).await));
+    text
 }
 
 async fn create_app(
@@ -825,6 +842,24 @@ async fn import_image(
     let req = body(payload)?;
     if !req.path.is_absolute() {
         return Err(ApiError::bad_request(format!("the path {} must be absolute", req.path.display())));
+    }
+    // What is not there is the caller's mistake, not the daemon's; a device or a FIFO would be
+    // read forever.
+    match std::fs::metadata(&req.path) {
+        Ok(m) if m.is_file() || m.is_dir() => {}
+        Ok(_) => {
+            return Err(ApiError::bad_request(format!(
+                "{} is neither a file nor a directory: give an image archive or an OCI layout directory",
+                req.path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no file or directory {} on the daemon's host", req.path.display()),
+            ))
+        }
+        Err(e) => return Err(ApiError::bad_request(format!("{}: {e}", req.path.display()))),
     }
     let reference = match &req.reference {
         Some(r) => Some(deliverous_images::Reference::parse(r).map_err(SupervisorError::from)?),

@@ -13,6 +13,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{now, App, AppSpec, Revision};
 
+mod tokens;
+pub use tokens::TokenRow;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state database: {0}")]
@@ -83,6 +86,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(deploys::SCHEMA)?;
+        conn.execute_batch(tokens::SCHEMA)?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 

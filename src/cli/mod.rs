@@ -8,6 +8,8 @@ mod events;
 mod exec;
 mod progress;
 mod registry;
+mod token;
+mod top;
 
 use std::process::ExitCode;
 
@@ -16,11 +18,13 @@ use hyper::Method;
 use serde_json::{json, Map, Value};
 
 pub use apply::{run_apply, ApplyArgs};
-pub use client::Host;
 use client::{call, call_stream, CallError};
+pub use client::{set_ca_file, Host};
 pub use events::{run_events, EventsArgs};
 pub use exec::{run_exec, run_run, ExecArgs, RunArgs};
 pub use registry::{run_registry, RegistryCommand};
+pub use token::{run_token, TokenCommand};
+pub use top::{run_top, TopArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum AppCommand {
@@ -533,13 +537,19 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
         }),
         AppCommand::Export { names, all } => return apply::run_export(host, names, all).await,
         AppCommand::Show { name, json } => {
-            call(host, Method::GET, &format!("/v1/apps/{name}"), None).await.map(|app| {
-                if json {
+            match call(host, Method::GET, &format!("/v1/apps/{name}"), None).await {
+                Ok(app) if json => {
                     print_json(&app);
-                } else {
-                    show(&app);
+                    Ok(())
                 }
-            })
+                Ok(app) => {
+                    // Usage is a bonus: a daemon without /v1/stats still shows the app.
+                    let usage = call(host, Method::GET, &top::stats_path(Some(&name)), None).await.unwrap_or_default();
+                    show(&app, &usage);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     match result {
@@ -789,7 +799,7 @@ fn routing_summary(r: &Value) -> String {
     }
 }
 
-fn show(app: &Value) {
+fn show(app: &Value, usage: &Value) {
     let env = app["env"]
         .as_object()
         .map(|e| e.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(" "))
@@ -831,6 +841,7 @@ fn show(app: &Value) {
         .into_iter()
         .flatten()
         .map(|i| {
+            let used = usage.as_array().into_iter().flatten().find(|u| u["id"] == i["id"]).unwrap_or(&Value::Null);
             let row = vec![
                 s(&i["name"]),
                 s(&i["id"]),
@@ -839,6 +850,8 @@ fn show(app: &Value) {
                 s(&i["revision"]),
                 s(&i["health"]),
                 s(&i["pid"]),
+                top::percent(&used["cpu_percent"]),
+                top::memory(used),
                 s(&i["started_at"]),
                 i["restarts"].as_u64().unwrap_or(0).to_string(),
                 last_exit(&i["last_exit"]),
@@ -858,6 +871,8 @@ fn show(app: &Value) {
             "-".into(),
             "-".into(),
             "-".into(),
+            "-".into(),
+            "-".into(),
             e["restarts"].as_u64().unwrap_or(0).to_string(),
             last_exit(&e["last_exit"]),
         ];
@@ -867,7 +882,20 @@ fn show(app: &Value) {
     if !rows.is_empty() {
         println!();
         table(
-            &["INSTANCE", "ID", "IP", "STATE", "REVISION", "HEALTH", "PID", "STARTED", "RESTARTS", "LAST EXIT"],
+            &[
+                "INSTANCE",
+                "ID",
+                "IP",
+                "STATE",
+                "REVISION",
+                "HEALTH",
+                "PID",
+                "CPU %",
+                "MEMORY / LIMIT",
+                "STARTED",
+                "RESTARTS",
+                "LAST EXIT",
+            ],
             rows.into_iter().map(|r| r.1).collect(),
         );
     }

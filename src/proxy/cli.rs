@@ -88,9 +88,8 @@ impl ProxyFlags {
         if let Some(path) = &self.access_log {
             out.extend(["--access-log".to_string(), path.display().to_string()]);
         }
-        if let Some(addr) = self.metrics_listen {
-            out.extend(["--metrics-listen".to_string(), addr.to_string()]);
-        }
+        // --metrics-listen stays with the daemon, which serves the proxy's figures with the
+        // instances'.
         out
     }
 }

@@ -27,11 +27,26 @@ const MAX_LINE: usize = 16 << 20;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Hello,
-    Routes { config: RouteConfig },
-    Drain { ip: IpAddr, timeout_ms: u64 },
+    Routes {
+        config: RouteConfig,
+    },
+    Drain {
+        ip: IpAddr,
+        timeout_ms: u64,
+    },
     Metrics,
+    /// Requests served per backend, for per-instance figures.
+    Backends,
     Listeners,
     Retire,
+}
+
+/// Requests a backend (an instance at an address) has been sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendCount {
+    pub instance: String,
+    pub addr: SocketAddr,
+    pub requests: u64,
 }
 
 /// What a proxy says about itself.
@@ -66,6 +81,8 @@ pub struct Answer {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerDesc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendCount>,
 }
 
 /// `dev:inode` of the running executable.
@@ -137,6 +154,20 @@ async fn session(stream: UnixStream, state: Arc<ControlState>) {
                 Answer { left: Some(left), ..Default::default() }
             }
             Request::Metrics => Answer { text: Some(super::metrics::render(&state.table)), ..Default::default() },
+            Request::Backends => {
+                let backends = state
+                    .table
+                    .snapshot()
+                    .backends
+                    .iter()
+                    .map(|b| BackendCount {
+                        instance: b.instance.clone(),
+                        addr: b.addr,
+                        requests: b.metrics.requests(),
+                    })
+                    .collect();
+                Answer { backends, ..Default::default() }
+            }
             Request::Listeners => {
                 let answer = Answer { listeners: state.listeners.iter().map(|l| l.0).collect(), ..Default::default() };
                 let fds: Vec<RawFd> = state.listeners.iter().map(|l| l.1.as_raw_fd()).collect();

@@ -411,6 +411,11 @@ impl ProxyLink {
         }
     }
 
+    /// Requests sent to each backend so far (empty if the proxy does not answer).
+    pub async fn backend_requests(&self) -> Vec<control::BackendCount> {
+        control::call(&self.control, &Request::Backends, CALL_TIMEOUT).await.map(|a| a.backends).unwrap_or_default()
+    }
+
     /// Stops the proxy (it finishes its open connections first): for a daemon that stops with
     /// no instance left to serve. With instances, the proxy outlives the daemon as they do.
     pub async fn stop(&self) {

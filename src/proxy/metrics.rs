@@ -49,6 +49,11 @@ impl Stats {
         self.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
     }
 
+    /// Responses sent so far (every status).
+    pub fn requests(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     fn render(&self, out: &mut String, labels: &str) {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for (i, c) in self.by_class.iter().enumerate() {
@@ -76,7 +81,7 @@ impl Stats {
 }
 
 /// Label values are app and instance names (DNS labels and dots) but escape anyway.
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 

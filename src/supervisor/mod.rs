@@ -186,6 +186,8 @@ pub struct Supervisor {
     slots: Mutex<HashMap<(String, u32), SlotHistory>>,
     /// The supervisor's health checks of running instances.
     health: Mutex<health::HealthBook>,
+    /// The previous look at each instance's counters, for rates (CPU %, requests/s).
+    sampler: crate::stats::Sampler,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -212,6 +214,7 @@ impl Supervisor {
             locks: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             health: Mutex::new(health::HealthBook::default()),
+            sampler: crate::stats::Sampler::default(),
         })
     }
 
@@ -449,6 +452,16 @@ impl Supervisor {
     /// restart policy).
     fn slot_waiting(&self, app: &str, slot: u32) -> bool {
         lock(&self.slots).get(&(app.to_string(), slot)).is_some_and(|h| h.waiting(Instant::now()))
+    }
+
+    /// Replacements of instance `app.slot` after exits nobody asked for (kept across daemon
+    /// restarts).
+    pub fn slot_restarts(&self, app: &str, slot: u32) -> u64 {
+        lock(&self.slots).get(&(app.to_string(), slot)).map_or(0, |h| u64::from(h.restarts))
+    }
+
+    pub fn sampler(&self) -> &crate::stats::Sampler {
+        &self.sampler
     }
 
     pub fn live_count(&self) -> usize {
