@@ -348,6 +348,8 @@ impl AppFile {
         let p = self.proxy.clone().unwrap_or_default();
         Ok(Routing {
             health,
+            // An app file cannot say `--health none` yet: the image's HEALTHCHECK applies.
+            health_none: false,
             balance: p.balance.unwrap_or_default(),
             connect_timeout_ms: p.connect_timeout.map(|m| m.0),
             read_timeout_ms: p.read_timeout.map(|m| m.0),
