@@ -379,6 +379,9 @@ impl Tracker {
 #[derive(Default)]
 pub struct HealthBook {
     pub(super) trackers: HashMap<String, Tracker>,
+    /// The image `HEALTHCHECK` of each (app, revision) looked up so far: revisions never
+    /// change, and the probe loops would otherwise read the image index every interval.
+    image_checks: HashMap<(String, u32), Option<Healthcheck>>,
 }
 
 impl Supervisor {
@@ -511,11 +514,21 @@ impl Supervisor {
 
     /// The `HEALTHCHECK` of the image revision `revision` of `app` runs.
     pub(super) fn image_healthcheck(&self, app: &str, revision: u32) -> Result<Option<Healthcheck>, String> {
+        let key = (app.to_string(), revision);
+        if let Some(known) = lock(&self.health).image_checks.get(&key) {
+            return Ok(known.clone());
+        }
         let Some(rev) = self.store.revision(app, revision).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        let image = self.image_for(&rev).map_err(|e| e.to_string())?;
-        Ok(image.config.healthcheck)
+        let check = self.image_for(&rev).map_err(|e| e.to_string())?.config.healthcheck;
+        let mut book = lock(&self.health);
+        // Bounded: a daemon that ran through thousands of revisions starts over.
+        if book.image_checks.len() > 1024 {
+            book.image_checks.clear();
+        }
+        book.image_checks.insert(key, check.clone());
+        Ok(check)
     }
 
     /// The check in force for `app` as `app show` describes it.
@@ -545,6 +558,11 @@ impl Supervisor {
                 Err(e) => CheckResult { ok: false, output: e },
             },
         }
+    }
+
+    /// An app is removed: a new one of the same name numbers its revisions from 1 again.
+    pub(super) fn forget_image_checks(&self, app: &str) {
+        lock(&self.health).image_checks.retain(|(name, _), _| name != app);
     }
 
     /// Instances a command check found unhealthy: the route table leaves them out.

@@ -461,6 +461,7 @@ impl Supervisor {
     /// database drops it with the app).
     pub fn forget_app(&self, app: &str) {
         lock(&self.slots).retain(|(name, _), _| name != app);
+        self.forget_image_checks(app);
     }
 
     /// Whether converging must leave `slot` empty for now (backing off, or held by the
