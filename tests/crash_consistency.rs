@@ -271,5 +271,22 @@ fn a_daemon_killed_at_any_moment_of_a_rolling_deploy_converges_and_leaves_nothin
         let finished = wait_until(Duration::from_secs(10), || show(&daemon)["last_deploy"]["state"] != "in_progress");
         assert!(finished, "the deploy is still marked in progress: {:#}", show(&daemon));
     }
+    // A revision that never becomes ready, the daemon killed while it is tried: the next
+    // daemon tries it again and rolls it back, to the same version as before.
+    let before = show(&daemon)["env"]["VERSION"].as_str().unwrap_or_default().to_string();
+    for delay in [300, 1500] {
+        let args =
+            ["app", "deploy", "web", "-e", "VERSION=bad", "-e", "UNHEALTHY_AT_START=1", "--deploy-timeout", "2s"];
+        crash_during(&mut daemon, &args, Duration::from_millis(delay));
+        let finished = wait_until(Duration::from_secs(30), || show(&daemon)["last_deploy"]["state"] != "in_progress");
+        assert!(finished, "the failed deploy is still marked in progress: {:#}", show(&daemon));
+        assert_converged_and_clean(&daemon, &[3], &format!("failing deploy killed after {delay} ms"));
+        let s = show(&daemon);
+        assert_eq!(s["env"]["VERSION"], before.as_str(), "not back on the previous configuration: {s:#}");
+        for _ in 0..10 {
+            let (status, body) = common::http_get(daemon.proxy_addr(), HOST, "/env/VERSION");
+            assert_eq!((status, body.trim()), (200, before.as_str()), "{s:#}");
+        }
+    }
     eprintln!("deploy crashes: {:?} in all", began.elapsed());
 }

@@ -263,3 +263,37 @@ fn failures_during_the_start_period_do_not_count() {
         show(&daemon, "web")
     );
 }
+
+#[test]
+fn instances_a_restarted_daemon_reattaches_to_are_still_checked() {
+    let registry = Registry::start();
+    let image = push_checked(&registry, "demo/checked:1", wget_check());
+    let mut daemon = Daemon::start(&registry);
+    launch(&daemon, "web", &image, 2, &["--unhealthy-timeout", "2s"]);
+    http_get_retry(daemon.proxy_addr(), HOST, "/hostname", Duration::from_secs(30), |s, _| s == 200);
+    daemon.kill9();
+    daemon.restart();
+    let first = instances(&show(&daemon, "web"));
+    assert!(
+        wait_until(Duration::from_secs(10), || instances(&show(&daemon, "web"))
+            .iter()
+            .all(|i| i["health"] == "healthy")),
+        "the re-attached instances are not checked: {:#}",
+        show(&daemon, "web")
+    );
+    let sick = first.iter().find(|i| i["name"] == "web.2").expect("web.2").clone();
+    let ip = sick["ip"].as_str().expect("ip");
+    assert_eq!(http_get(&format!("{ip}:8080"), "web", "/health/set?ok=0").0, 200);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            instances(&show(&daemon, "web")).iter().any(|i| i["id"] == sick["id"] && i["in_rotation"] == false)
+        }),
+        "web.2 never left rotation: {:#}",
+        show(&daemon, "web")
+    );
+    let replaced = wait_until(Duration::from_secs(40), || {
+        let all = instances(&show(&daemon, "web"));
+        all.len() == 2 && !all.iter().any(|i| i["id"] == sick["id"]) && all.iter().all(|i| i["in_rotation"] == true)
+    });
+    assert!(replaced, "web.2 was not replaced: {:#}", show(&daemon, "web"));
+}
