@@ -222,6 +222,15 @@ fn the_apps_own_check_overrides_the_images_and_none_disables_both() {
     }
     let web_unhealthy = events(&daemon, "web").iter().any(|e| e["kind"] == "instance_unhealthy");
     assert!(!web_unhealthy, "{:#?}", events(&daemon, "web"));
+
+    // An app not started yet already says which check it will get, from its (pulled) image.
+    daemon.cli_ok(&["app", "create", "later", "--image", &broken.reference, "--port", "8080"]);
+    let later = show(&daemon, "later");
+    assert_eq!(later["health_check"]["source"], "image", "{later:#}");
+    assert!(
+        later["health_check"]["description"].as_str().is_some_and(|d| d.contains("unhealthy after 1 failure)")),
+        "{later:#}"
+    );
 }
 
 #[test]

@@ -150,11 +150,12 @@ impl Check {
             Source::Image => "image HEALTHCHECK",
         };
         let mut text = format!(
-            "{} ({source}; every {}, timeout {}, unhealthy after {} failures",
+            "{} ({source}; every {}, timeout {}, unhealthy after {} failure{}",
             self.probe.describe(),
             super::human(self.interval),
             super::human(self.timeout),
-            self.fall
+            self.fall,
+            if self.fall == 1 { "" } else { "s" }
         );
         if self.rise > 1 {
             text.push_str(&format!(", healthy after {} passes", self.rise));
@@ -534,8 +535,13 @@ impl Supervisor {
     /// The check in force for `app` as `app show` describes it.
     pub fn check_view(&self, app: &crate::apps::App) -> CheckView {
         let image = match (app.revision, &app.spec.routing) {
-            (Some(n), r) if r.health.is_none() => self.image_healthcheck(&app.name, n).ok().flatten(),
-            _ => None,
+            (_, r) if r.health.is_some() => None,
+            (Some(n), _) => self.image_healthcheck(&app.name, n).ok().flatten(),
+            // Never started: the image it names, if it is here already (never pulled for this).
+            (None, _) => deliverous_images::Reference::parse(&app.spec.image)
+                .ok()
+                .and_then(|r| self.images.get(&r).ok().flatten())
+                .and_then(|i| i.config.healthcheck),
         };
         CheckView::of(&app.spec.routing, image.as_ref())
     }
