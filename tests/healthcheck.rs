@@ -306,3 +306,33 @@ fn instances_a_restarted_daemon_reattaches_to_are_still_checked() {
     });
     assert!(replaced, "web.2 was not replaced: {:#}", show(&daemon, "web"));
 }
+
+#[test]
+fn a_check_that_outlives_its_timeout_fails_and_is_killed() {
+    let registry = Registry::start();
+    let check = json!({"Test": ["CMD", "sleep", "7"], "Interval": 200 * MS, "Timeout": 300 * MS, "Retries": 2});
+    let image = push_checked(&registry, "demo/stuck:1", check);
+    let daemon = Daemon::start(&registry);
+    launch(&daemon, "web", &image, 1, &["--unhealthy-timeout", "1h"]);
+    http_get_retry(daemon.proxy_addr(), HOST, "/hostname", Duration::from_secs(30), |s, _| s == 200);
+    assert!(
+        wait_until(Duration::from_secs(15), || instances(&show(&daemon, "web"))
+            .iter()
+            .all(|i| i["health"] == "unhealthy")),
+        "{:#}",
+        show(&daemon, "web")
+    );
+    let s = show(&daemon, "web");
+    let output = instances(&s)[0]["health_output"]["output"].as_str().unwrap_or_default().to_string();
+    assert!(output.contains("timed out"), "{s:#}");
+    // Every timed-out check was killed: at most the one running now is left.
+    let parent = format!("/{}/", daemon.names().cgroup_parent);
+    let sleeping = || {
+        common::pids_where(|argv| argv.len() == 2 && argv[0] == "sleep" && argv[1] == "7")
+            .into_iter()
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&parent)))
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sleeping() <= 1, "{} timed-out checks still run", sleeping());
+}
