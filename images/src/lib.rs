@@ -34,6 +34,7 @@ pub use credentials::{
 pub use error::Error;
 pub use reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};
 pub use store::{
-    Image, ImageConfig, ImageStore, ImportOptions, LayerSize, Progress, PruneReport, PullEvent, PullOptions,
+    HealthTest, Healthcheck, Image, ImageConfig, ImageStore, ImportOptions, LayerSize, Progress, PruneReport,
+    PullEvent, PullOptions,
 };
 pub use unpack::UnpackOptions;

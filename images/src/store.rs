@@ -103,6 +103,106 @@ pub struct ImageConfig {
     pub stop_signal: Option<String>,
     /// LABEL.
     pub labels: BTreeMap<String, String>,
+    /// HEALTHCHECK, as the image config has it (Docker's `config.Healthcheck`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+}
+
+/// An image's `HEALTHCHECK`, as Docker writes it into the image config. The OCI image spec has
+/// no such field; Docker and Buildah both write this one, and every runtime that honours it
+/// reads it from here. Durations are as written (nanoseconds; 0 or absent means the runtime's
+/// default).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Healthcheck {
+    /// `["NONE"]`, `["CMD", arg...]` or `["CMD-SHELL", command]`; empty = inherit (none here).
+    #[serde(default)]
+    pub test: Vec<String>,
+    #[serde(default)]
+    pub interval_ns: u64,
+    #[serde(default)]
+    pub timeout_ns: u64,
+    #[serde(default)]
+    pub start_period_ns: u64,
+    #[serde(default)]
+    pub start_interval_ns: u64,
+    /// Consecutive failures that make the container unhealthy; 0 = the runtime's default.
+    #[serde(default)]
+    pub retries: u32,
+}
+
+/// What a [`Healthcheck`]'s `test` asks to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthTest {
+    /// `["NONE"]`: the image disables any check inherited from its base.
+    Disabled,
+    /// The command to run, as an argv (`CMD-SHELL c` is `/bin/sh -c c`).
+    Command(Vec<String>),
+}
+
+impl Healthcheck {
+    /// `None` when the image sets no usable check (empty test, or an unknown kind).
+    pub fn command(&self) -> Option<HealthTest> {
+        let (kind, rest) = self.test.split_first()?;
+        match kind.as_str() {
+            "NONE" => Some(HealthTest::Disabled),
+            "CMD" if !rest.is_empty() => Some(HealthTest::Command(rest.to_vec())),
+            "CMD-SHELL" if !rest.is_empty() => {
+                Some(HealthTest::Command(vec!["/bin/sh".into(), "-c".into(), rest.join(" ")]))
+            }
+            _ => None,
+        }
+    }
+
+    /// The `Healthcheck` of a raw image config JSON document, if it has a readable one. A
+    /// malformed one is ignored (logged): the image stays usable, as with Docker.
+    pub fn from_config_json(config: &[u8]) -> Option<Healthcheck> {
+        #[derive(Deserialize)]
+        struct Doc {
+            #[serde(default)]
+            config: Option<Inner>,
+        }
+        #[derive(Deserialize)]
+        struct Inner {
+            #[serde(rename = "Healthcheck", default)]
+            healthcheck: Option<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Raw {
+            #[serde(default)]
+            test: Option<Vec<String>>,
+            #[serde(default)]
+            interval: Option<i64>,
+            #[serde(default)]
+            timeout: Option<i64>,
+            #[serde(default)]
+            start_period: Option<i64>,
+            #[serde(default)]
+            start_interval: Option<i64>,
+            #[serde(default)]
+            retries: Option<i64>,
+        }
+        let value = serde_json::from_slice::<Doc>(config).ok()?.config?.healthcheck?;
+        if value.is_null() {
+            return None;
+        }
+        let raw: Raw = match serde_json::from_value(value) {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!("ignoring the image's unreadable Healthcheck: {e}");
+                return None;
+            }
+        };
+        let ns = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+        Some(Healthcheck {
+            test: raw.test.unwrap_or_default(),
+            interval_ns: ns(raw.interval),
+            timeout_ns: ns(raw.timeout),
+            start_period_ns: ns(raw.start_period),
+            start_interval_ns: ns(raw.start_interval),
+            retries: raw.retries.and_then(|r| u32::try_from(r).ok()).unwrap_or(0),
+        })
+    }
 }
 
 /// A pulled image, as recorded in the local index.
@@ -255,6 +355,7 @@ impl ImageStore {
             message: format!("config blob {} of {reference} is not an image config: {e}", manifest.config.digest),
         })?;
         // Kept while the layers download: its fsyncs need not delay them.
+        let process = image_config(&config, &config_bytes);
         let config_stored = self.store_small_blob(&manifest.config.digest, config_bytes);
 
         let diff_ids = config.rootfs().diff_ids().clone();
@@ -310,7 +411,7 @@ impl ImageStore {
         let image = Image {
             reference: reference.to_string(),
             digest,
-            config: image_config(&config),
+            config: process,
             layers: diff_ids,
             size,
             pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -501,7 +602,7 @@ impl ImageStore {
                     images.push(Image {
                         reference: reference.to_string(),
                         digest: p.digest.clone(),
-                        config: image_config(&p.config),
+                        config: image_config(&p.config, &p.config_bytes),
                         layers: p.layers.iter().map(|l| l.diff_id.clone()).collect(),
                         size: p.size,
                         pulled_at: pulled_at.clone(),
@@ -703,7 +804,7 @@ fn tree_size(path: &Path) -> u64 {
         .sum()
 }
 
-fn image_config(config: &ImageConfiguration) -> ImageConfig {
+fn image_config(config: &ImageConfiguration, raw: &[u8]) -> ImageConfig {
     let Some(c) = config.config() else {
         return ImageConfig::default();
     };
@@ -718,6 +819,7 @@ fn image_config(config: &ImageConfiguration) -> ImageConfig {
         exposed_ports,
         stop_signal: c.stop_signal().clone().filter(|s| !s.is_empty()),
         labels: c.labels().clone().unwrap_or_default().into_iter().collect(),
+        healthcheck: Healthcheck::from_config_json(raw),
     }
 }
 
@@ -887,5 +989,36 @@ mod tests {
         assert_eq!(store.unpack_options(), UnpackOptions::default());
         let small = UnpackOptions { max_unpacked_bytes: 1 << 20 };
         assert_eq!(store.with_unpack_options(small).unpack_options(), small);
+    }
+
+    #[test]
+    fn healthcheck_is_read_from_the_raw_config() {
+        let doc = br#"{"config":{"Healthcheck":{"Test":["CMD-SHELL","wget -qO- http://127.0.0.1/ || exit 1"],
+            "Interval":5000000000,"Timeout":2000000000,"StartPeriod":1000000000,"Retries":2}},
+            "rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let h = Healthcheck::from_config_json(doc).expect("a healthcheck");
+        assert_eq!(
+            (h.interval_ns, h.timeout_ns, h.start_period_ns, h.retries),
+            (5_000_000_000, 2_000_000_000, 1_000_000_000, 2)
+        );
+        assert_eq!(
+            h.command(),
+            Some(HealthTest::Command(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "wget -qO- http://127.0.0.1/ || exit 1".into()
+            ]))
+        );
+        let none = br#"{"config":{"Healthcheck":{"Test":["NONE"]}}}"#;
+        assert_eq!(Healthcheck::from_config_json(none).and_then(|h| h.command()), Some(HealthTest::Disabled));
+        let cmd = br#"{"config":{"Healthcheck":{"Test":["CMD","/bin/true","x"],"Retries":-1}}}"#;
+        let h = Healthcheck::from_config_json(cmd).expect("a healthcheck");
+        assert_eq!(h.command(), Some(HealthTest::Command(vec!["/bin/true".into(), "x".into()])));
+        assert_eq!(h.retries, 0, "a negative count is the default");
+        assert_eq!(Healthcheck::from_config_json(br#"{"config":{}}"#), None);
+        assert_eq!(Healthcheck::from_config_json(br#"{"config":{"Healthcheck":{"Test":"bad"}}}"#), None);
+        assert_eq!(Healthcheck::from_config_json(b"not json"), None);
+        let empty = Healthcheck::from_config_json(br#"{"config":{"Healthcheck":{"Test":[]}}}"#).expect("parsed");
+        assert_eq!(empty.command(), None, "an empty test inherits: nothing here");
     }
 }

@@ -22,7 +22,7 @@ mod tokens;
 
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
 use crate::events::Kind;
-use crate::supervisor::{InstanceView, Restarts, Supervisor, SupervisorError};
+use crate::supervisor::{CheckView, InstanceView, Restarts, Supervisor, SupervisorError};
 
 mod exec;
 
@@ -137,7 +137,8 @@ pub struct CreateApp {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingPatch {
-    /// `/path` (HTTP check), `tcp` (connect check) or `none`.
+    /// `/path` (HTTP check), `tcp` (connect check), `image` (the image's `HEALTHCHECK`, the
+    /// default) or `none` (no check, not even the image's).
     pub health: Option<String>,
     pub health_interval_ms: Option<u64>,
     pub health_timeout_ms: Option<u64>,
@@ -158,15 +159,23 @@ pub struct RoutingPatch {
 impl RoutingPatch {
     fn apply(self, r: &mut apps::Routing) -> Result<(), ApiError> {
         match self.health.as_deref() {
-            Some("none" | "") => r.health = None,
+            Some("none" | "") => {
+                r.health = None;
+                r.health_none = true;
+            }
+            Some("image") => {
+                r.health = None;
+                r.health_none = false;
+            }
             Some(kind) => {
+                r.health_none = false;
                 let mut check = r.health.clone().unwrap_or_else(|| crate::proxy::HealthCheck::http("/"));
                 check.path = match kind {
                     "tcp" => None,
                     path if path.starts_with('/') => Some(path.to_string()),
                     other => {
                         return Err(ApiError::bad_request(format!(
-                            "invalid health check {other:?}: expected a path such as /healthz, \"tcp\" or \"none\""
+                            "invalid health check {other:?}: expected a path such as /healthz, \"tcp\", \"image\" or \"none\""
                         )))
                     }
                 };
@@ -296,6 +305,8 @@ pub struct AppView {
     pub instances_desired: u32,
     pub revision: Option<RevisionView>,
     pub instances: Vec<InstanceView>,
+    /// The health check in force: the app's own, the image's HEALTHCHECK, or none.
+    pub health_check: CheckView,
     pub restarts: Restarts,
     pub created_at: String,
     pub updated_at: String,
@@ -334,6 +345,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         instances_desired: app.instances,
         revision,
         instances: sup.instances_of(&app.name),
+        health_check: sup.check_view(app),
         restarts: sup.restarts_of(&app.name),
         created_at: app.created_at.clone(),
         updated_at: app.updated_at.clone(),

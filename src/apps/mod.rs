@@ -119,6 +119,10 @@ impl std::fmt::Display for RestartPolicy {
 pub struct Routing {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// `--health none`: no check at all, not even the image's `HEALTHCHECK` (which is used
+    /// whenever the app sets no check of its own).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub health_none: bool,
     pub balance: Balance,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,

@@ -103,7 +103,9 @@ struct RolloutFile {
     unhealthy_timeout: Option<Millis>,
 }
 
-/// `[apps.NAME.health]`: `path = "/healthz"` or `tcp = true`, and optional timing.
+/// `[apps.NAME.health]`: `path = "/healthz"` or `tcp = true`, and optional timing; or
+/// `none = true` (no check at all, not even the image's `HEALTHCHECK`, which applies when the
+/// table is absent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HealthFile {
@@ -111,6 +113,8 @@ struct HealthFile {
     path: Option<String>,
     #[serde(default, skip_serializing_if = "is_false")]
     tcp: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    none: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     interval: Option<Millis>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -327,13 +331,21 @@ impl AppFile {
     }
 
     fn routing(&self) -> Result<Routing, String> {
+        let health_none = self.health.as_ref().is_some_and(|h| h.none);
         let health = match &self.health {
             None => None,
+            Some(h) if h.none => {
+                let timing = h.interval.is_some() || h.timeout.is_some() || h.rise.is_some() || h.fall.is_some();
+                if h.path.is_some() || h.tcp || timing {
+                    return Err("health: none = true takes no path, tcp or timing".into());
+                }
+                None
+            }
             Some(h) => {
                 let path = match (&h.path, h.tcp) {
                     (Some(p), false) => Some(p.clone()),
                     (None, true) => None,
-                    _ => return Err("health: give either path = \"/healthz\" or tcp = true".into()),
+                    _ => return Err("health: give either path = \"/healthz\", tcp = true or none = true".into()),
                 };
                 let d = HealthCheck::http("/");
                 Some(HealthCheck {
@@ -348,6 +360,7 @@ impl AppFile {
         let p = self.proxy.clone().unwrap_or_default();
         Ok(Routing {
             health,
+            health_none,
             balance: p.balance.unwrap_or_default(),
             connect_timeout_ms: p.connect_timeout.map(|m| m.0),
             read_timeout_ms: p.read_timeout.map(|m| m.0),
@@ -363,14 +376,18 @@ impl AppFile {
     fn of(d: &Declared) -> AppFile {
         let s = canonical(&d.spec);
         let defaults = HealthCheck::http("/");
+        let none =
+            HealthFile { path: None, tcp: false, none: true, interval: None, timeout: None, rise: None, fall: None };
         let health = s.routing.health.as_ref().map(|h| HealthFile {
             path: h.path.clone(),
             tcp: h.path.is_none(),
+            none: false,
             interval: (h.interval_ms != defaults.interval_ms).then_some(Millis(h.interval_ms)),
             timeout: (h.timeout_ms != defaults.timeout_ms).then_some(Millis(h.timeout_ms)),
             rise: (h.rise != defaults.rise).then_some(h.rise),
             fall: (h.fall != defaults.fall).then_some(h.fall),
         });
+        let health = health.or(s.routing.health_none.then_some(none));
         let r = &s.routing;
         let proxy = ProxyFile {
             balance: (r.balance != Balance::default()).then_some(r.balance),
@@ -682,6 +699,15 @@ fn size_or_none(v: Option<u64>) -> String {
     v.map_or("none".into(), format_bytes)
 }
 
+/// `/healthz`, `tcp`, `image` (the image's HEALTHCHECK, if any) or `none`.
+fn health_text(r: &Routing) -> String {
+    match (&r.health, r.health_none) {
+        (None, true) => "none".into(),
+        (None, false) => "image".into(),
+        (h, _) => health_kind(h),
+    }
+}
+
 fn health_kind(h: &Option<HealthCheck>) -> String {
     match h {
         None => "none".into(),
@@ -733,7 +759,7 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
     out.items("cap_drop", &a.cap_drop, &b.cap_drop);
     out.items("domain", &a.domains, &b.domains);
     let (ra, rb) = (&a.routing, &b.routing);
-    out.set("health", health_kind(&ra.health), health_kind(&rb.health));
+    out.set("health", health_text(ra), health_text(rb));
     if let Some(hb) = &rb.health {
         let ha = ra.health.clone().unwrap_or_else(|| HealthCheck::http("/"));
         out.set("health interval", duration_text(ha.interval_ms), duration_text(hb.interval_ms));
@@ -798,8 +824,8 @@ fn warnings(current: &Declared, desired: &Declared) -> Vec<String> {
 /// The `routing` object of a create or config request: what differs from `a` in `b`.
 fn routing_patch(a: &Routing, b: &Routing) -> Map<String, Value> {
     let mut p = Map::new();
-    if a.health != b.health {
-        p.insert("health".into(), json!(b.health.as_ref().map_or("none".into(), |h| health_kind(&Some(h.clone())))));
+    if a.health != b.health || a.health_none != b.health_none {
+        p.insert("health".into(), json!(health_text(b)));
         if let Some(h) = &b.health {
             p.insert("health_interval_ms".into(), json!(h.interval_ms));
             p.insert("health_timeout_ms".into(), json!(h.timeout_ms));
@@ -1359,7 +1385,8 @@ tcp = [6379, "16379:6380"]
         let patch = config_patch(&before.spec, &after.spec).expect("a patch");
         assert_eq!(patch["memory"], "none");
         assert_eq!(patch["env"], json!({"GREETING": null}));
-        assert_eq!(patch["routing"]["health"], "none");
+        // Back to the default: the image's HEALTHCHECK, if it has one (`none` would disable it).
+        assert_eq!(patch["routing"]["health"], "image");
         assert_eq!(patch["routing"]["read_timeout_ms"], 60_000);
         assert_eq!(patch["routing"]["tcp"], json!([]));
         assert!(lines(&before, after).contains(&"proxy read_timeout: 2m → 1m".to_string()));
@@ -1463,5 +1490,23 @@ tcp = [6379, "16379:6380"]
         assert!(text.contains("[apps.web.rollout]") && text.contains("deploy_timeout = \"90s\""), "{text}");
         assert!(lines(&desired, &parse(&text)["web"]).is_empty(), "{text}");
         assert!(errors(&format!("{WEB}\n[apps.web.rollout]\nsurge = 0\n")).iter().any(|e| e.contains("surge")));
+    }
+
+    #[test]
+    fn health_none_plans_patches_and_exports() {
+        let no_check = format!("{}\n[apps.api.health]\nnone = true\n", "[apps.api]\nimage = \"x:1\"\nport = 80");
+        let desired = parse(&no_check)["api"].clone();
+        assert!(desired.spec.routing.health_none && desired.spec.routing.health.is_none());
+        let current = as_daemon_shows(&parse("[apps.api]\nimage = \"x:1\"\nport = 80\n")["api"]);
+        assert_eq!(lines(&current, &desired), ["health image → none"]);
+        let patch = config_patch(&current.spec, &desired.spec).expect("a patch");
+        assert_eq!(patch["routing"], json!({"health": "none"}));
+        assert_eq!(config_patch(&desired.spec, &current.spec).expect("back")["routing"], json!({"health": "image"}));
+        let text = toml::to_string(&BTreeMap::from([("apps", BTreeMap::from([("api", AppFile::of(&desired))]))]))
+            .expect("toml");
+        assert!(text.contains("[apps.api.health]") && text.contains("none = true"), "{text}");
+        assert!(lines(&desired, &parse(&text)["api"]).is_empty(), "{text}");
+        let both = format!("{no_check}path = \"/\"\n");
+        assert!(errors(&both)[0].contains("none = true takes no path"), "{:?}", errors(&both));
     }
 }

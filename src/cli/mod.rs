@@ -172,9 +172,11 @@ pub struct Settings {
     /// optionally with a path prefix: example.com/api (repeatable).
     #[arg(long = "domain", value_name = "DOMAIN")]
     domains: Vec<String>,
-    /// Health check run by the proxy: an HTTP path that answers 2xx/3xx (e.g. /healthz), "tcp"
-    /// (the port accepts connections) or "none". A failing instance gets no traffic.
-    #[arg(long, value_name = "PATH|tcp|none", help_heading = "Proxy")]
+    /// Health check: an HTTP path that answers 2xx/3xx (e.g. /healthz), "tcp" (the port
+    /// accepts connections), "image" (the image's HEALTHCHECK command, run inside each
+    /// instance; the default) or "none" (no check at all, not even the image's). A failing
+    /// instance gets no traffic, and is replaced if it stays unhealthy.
+    #[arg(long, value_name = "PATH|tcp|image|none", help_heading = "Proxy")]
     health: Option<String>,
     /// Time between two health checks (default 2s).
     #[arg(long = "health-interval", value_name = "DURATION", value_parser = duration_ms, help_heading = "Proxy")]
@@ -781,6 +783,7 @@ fn routing_summary(r: &Value) -> String {
             ("health", Value::Object(h)) => {
                 format!("health={}", h.get("path").and_then(Value::as_str).unwrap_or("tcp"))
             }
+            ("health_none", Value::Bool(true)) => "health=none".into(),
             ("tcp", Value::Array(ports)) => format!(
                 "tcp={}",
                 ports.iter().map(|p| format!("{}:{}", p["listen"], p["target"])).collect::<Vec<_>>().join(",")
@@ -820,6 +823,7 @@ fn show(app: &Value, usage: &Value) {
         ("cap_drop", list(&app["cap_drop"])),
         ("hosts", app["hosts"].as_array().map(|h| h.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ("routing", routing_summary(&app["routing"])),
+        ("health", s(&app["health_check"]["description"])),
         ("restart", app["restart"].as_str().unwrap_or("always").to_string()),
         ("rollout", routing_summary(&app["rollout"])),
         ("deploy", deploys::last_deploy(&app["last_deploy"])),
@@ -898,6 +902,20 @@ fn show(app: &Value, usage: &Value) {
             ],
             rows.into_iter().map(|r| r.1).collect(),
         );
+    }
+    health_outputs(app);
+}
+
+/// The last health check output of each instance whose check failed (as `docker inspect`
+/// shows it), or printed something.
+fn health_outputs(app: &Value) {
+    for i in app["instances"].as_array().into_iter().flatten() {
+        let Some(output) = i["health_output"]["output"].as_str().filter(|o| !o.trim().is_empty()) else { continue };
+        println!();
+        println!("last health check of {} ({}, {}):", s(&i["name"]), s(&i["health"]), s(&i["health_output"]["at"]));
+        for line in output.trim_end().lines() {
+            println!("  {line}");
+        }
     }
 }
 

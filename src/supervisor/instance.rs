@@ -526,7 +526,11 @@ impl Supervisor {
                     );
                     tracing::info!("re-attached to instance {}.{} ({})", row.app, row.slot, row.uid);
                     self.spawn_watcher(row.clone(), done_tx);
-                    if !accepts {
+                    if accepts {
+                        // Checked again from scratch: the previous daemon's probe results
+                        // went with it.
+                        self.watch_health(&row.uid);
+                    } else {
                         let me = self.clone();
                         tokio::spawn(async move { me.wait_ready(&row.uid, addr).await });
                     }

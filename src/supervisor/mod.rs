@@ -10,7 +10,7 @@ mod rollout;
 mod run;
 
 pub use exec::{ExecOptions, Outcome, Session, SessionIo, DAEMON_ERROR};
-pub use health::Health;
+pub use health::{CheckView, Health};
 use restart::SlotHistory;
 pub use restart::{ExitReason, ExitedSlot, SlotExit};
 pub use rollout::DeployError;
@@ -131,6 +131,19 @@ pub struct InstanceView {
     pub last_exit: Option<SlotExit>,
     /// What the supervisor's own health checks say: healthy, unhealthy or unknown.
     pub health: &'static str,
+    /// What the last health check printed, and when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_output: Option<HealthOutput>,
+    /// In the route table the supervisor publishes (ready, and not failing a command check).
+    pub in_rotation: bool,
+}
+
+/// The last health check's output, as `docker inspect` keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthOutput {
+    /// A command's stdout and stderr (at most 4 KiB), or why a network check failed.
+    pub output: String,
+    pub at: String,
 }
 
 /// What the supervisor knows of an app's exits (kept across daemon restarts).
@@ -346,6 +359,11 @@ impl Supervisor {
                 restarts: history(l.row.slot).map_or(0, |h| h.restarts),
                 last_exit: history(l.row.slot).and_then(|h| h.last_exit.clone()),
                 health: health.get(&l.row.uid).map_or(Health::Unknown, |t| t.health).as_str(),
+                health_output: health
+                    .get(&l.row.uid)
+                    .and_then(|t| t.last_output.clone())
+                    .map(|(output, at)| HealthOutput { output, at }),
+                in_rotation: l.state == State::Ready && !health.get(&l.row.uid).is_some_and(|t| t.routed_out),
             })
             .collect();
         v.sort_by(|a, b| (a.slot, &a.started_at).cmp(&(b.slot, &b.started_at)));
@@ -446,6 +464,7 @@ impl Supervisor {
     /// database drops it with the app).
     pub fn forget_app(&self, app: &str) {
         lock(&self.slots).retain(|(name, _), _| name != app);
+        self.forget_image_checks(app);
     }
 
     /// Whether converging must leave `slot` empty for now (backing off, or held by the
@@ -484,12 +503,14 @@ impl Supervisor {
                 return;
             }
         };
+        // Read before `live` is locked: the health loops take the two locks the other way.
+        let routed_out = self.routed_out();
         let live = lock(&self.live);
         let mut config = RouteConfig::default();
         for app in &apps {
             let mut backends: Vec<(u32, &str, BackendSpec)> = live
                 .values()
-                .filter(|l| l.row.app == app.name && l.state == State::Ready)
+                .filter(|l| l.row.app == app.name && l.state == State::Ready && !routed_out.contains(&l.row.uid))
                 .map(|l| {
                     let spec = BackendSpec {
                         instance: format!("{}.{}", app.name, l.row.slot),

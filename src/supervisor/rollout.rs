@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use deliverous_images::Image;
 
-use super::health::{Probe, Readiness, Tracker};
+use super::health::{Check, Readiness, Tracker};
 use super::{lock, State, Supervisor, SupervisorError};
 use crate::apps::rollout::batches;
 use crate::apps::store::{Deploy, DeployState};
@@ -360,11 +360,14 @@ impl Supervisor {
             return Err("it is gone".into());
         };
         let addr = SocketAddr::from((ip, rev.spec.port));
-        let check = rev.spec.routing.health.clone();
-        let probe = check.as_ref().map(Probe::of);
+        let image_check = match (&rev.spec.routing.health, rev.spec.routing.health_none) {
+            (None, false) => self.image_for(rev).map_err(|e| e.to_string())?.config.healthcheck,
+            _ => None,
+        };
+        let check = Check::in_force(&rev.spec.routing, image_check.as_ref());
         let mut readiness = Readiness::new(check.as_ref());
-        let probe_timeout = Duration::from_millis(check.as_ref().map_or(1000, |c| c.timeout_ms));
-        let interval = Duration::from_millis(check.as_ref().map_or(200, |c| c.interval_ms.max(100)));
+        // Until it is first ready: the check's start interval (its interval for an app check).
+        let interval = check.as_ref().map_or(Duration::from_millis(200), |c| c.start_interval);
         let mut last_error = String::from("never probed");
         let mut delay = Duration::from_millis(5);
         loop {
@@ -393,13 +396,14 @@ impl Supervisor {
                     break;
                 }
             }
-            if let Some(p) = probe.as_ref().filter(|_| readiness.accepting()) {
+            if let Some(c) = check.as_ref().filter(|_| readiness.accepting()) {
                 // Checked as soon as the port opens, then every interval.
-                let result = p.run(addr, probe_timeout).await;
-                if let Err(e) = &result {
-                    last_error = format!("health check {e}");
+                let result = self.run_check(uid, c, addr).await;
+                let passed = result.ok;
+                if !passed {
+                    last_error = format!("health check {} failed: {}", c.probe.describe(), result.output.trim());
                 }
-                if readiness.check(result.is_ok()) {
+                if readiness.check(passed) {
                     break;
                 }
             }

@@ -154,6 +154,8 @@ pub struct TestImage {
     exposed_ports: Vec<u16>,
     user: Option<String>,
     stop_signal: Option<String>,
+    /// The config's `Healthcheck`, as Docker writes it.
+    healthcheck: Option<serde_json::Value>,
     /// (architecture, variant) offered by an index; empty: a single amd64 manifest.
     platforms: Vec<(String, String)>,
     /// Push as Docker v2 schema 2 (manifest list for an index) instead of OCI.
@@ -177,6 +179,7 @@ impl TestImage {
             exposed_ports: Vec::new(),
             user: None,
             stop_signal: None,
+            healthcheck: None,
             platforms: Vec::new(),
             docker_format: false,
         }
@@ -234,6 +237,12 @@ impl TestImage {
         self
     }
 
+    /// The config's `Healthcheck` (`{"Test": ["CMD-SHELL", "..."], "Interval": ns, ...}`).
+    pub fn healthcheck(mut self, healthcheck: serde_json::Value) -> TestImage {
+        self.healthcheck = Some(healthcheck);
+        self
+    }
+
     /// Declares `port/tcp` in `ExposedPorts`.
     pub fn expose(mut self, port: u16) -> TestImage {
         self.exposed_ports.push(port);
@@ -280,6 +289,9 @@ impl TestImage {
         }
         if let Some(signal) = &self.stop_signal {
             config.insert("StopSignal".into(), json!(signal));
+        }
+        if let Some(healthcheck) = &self.healthcheck {
+            config.insert("Healthcheck".into(), healthcheck.clone());
         }
         if !self.exposed_ports.is_empty() {
             let ports: serde_json::Map<String, serde_json::Value> =
