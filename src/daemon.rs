@@ -81,6 +81,10 @@ pub struct DaemonArgs {
     /// the proxy process on the same listening sockets. For upgrades without systemd.
     #[arg(long)]
     upgrade: bool,
+    /// Host ids (FIRST:COUNT) from which each `--userns` app gets a range of 65536 of its own,
+    /// kept for the app's name for good.
+    #[arg(long, value_name = "FIRST:COUNT", default_value = crate::supervisor::userns::DEFAULT_RANGE)]
+    userns_range: crate::supervisor::userns::UsernsRange,
     #[command(flatten)]
     proxy: ProxyFlags,
 }
@@ -255,6 +259,7 @@ async fn run(
         keep_revisions: args.keep_revisions,
         restart_max_delay: Duration::from_millis(args.restart_max_delay),
         proxy_ports: proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.port()).collect(),
+        userns_range: args.userns_range,
     };
     let events = Arc::new(crate::events::Events::open(&args.data_dir));
     let sup = Supervisor::new(settings, store, images, net, proxy.clone(), events);
