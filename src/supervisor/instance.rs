@@ -180,16 +180,28 @@ impl Supervisor {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let layers = self.images.layer_dirs(image);
         let idmap = if rev.spec.userns { Some(self.userns_map(&row.app).map_err(|e| e.to_string())?) } else { None };
+        let mut idmapped = None;
         if let Some(map) = &idmap {
             super::userns::make_reachable(&dir.join("rootfs"), &s.data_dir, map)?;
-            // The instance's root directory and all it writes belong to its root. The image's
-            // layers are shared and stay owned by host root: inside they show as `nobody`,
-            // readable and executable but not writable in place (see README, --userns).
+            // The instance's root directory and all it writes belong to its root.
             let upper = dir.join("upper");
             std::fs::create_dir_all(&upper).map_err(|e| format!("{}: {e}", upper.display()))?;
             userns::own_as_root(&upper, map).map_err(|e| format!("{}: {e}", upper.display()))?;
+            // The image's layers are shared: not chowned, but seen through idmapped mounts
+            // where the kernel can. Otherwise they stay host root's: `nobody` inside, readable
+            // and executable but not writable in place (see README, --userns).
+            idmapped = match userns::mount_overlay_idmapped(&dir, &layers, map) {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    tracing::warn!(app = %row.app, "{e}: the image's files stay host root's (nobody inside)");
+                    None
+                }
+            };
         }
-        let rootfs_path = rootfs::mount_overlay(&dir, &layers).map_err(|e| e.to_string())?;
+        let rootfs_path = match idmapped {
+            Some(path) => path,
+            None => rootfs::mount_overlay(&dir, &layers).map_err(|e| e.to_string())?,
+        };
         let hostname = format!("{}.{}", row.app, row.slot);
         let passwd = user::read_etc_file(&rootfs_path, "passwd");
         let group = user::read_etc_file(&rootfs_path, "group");
