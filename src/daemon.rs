@@ -81,6 +81,10 @@ pub struct DaemonArgs {
     /// the proxy process on the same listening sockets. For upgrades without systemd.
     #[arg(long)]
     upgrade: bool,
+    /// Host ids (FIRST:COUNT) from which each `--userns` app gets a range of 65536 of its own,
+    /// kept for the app's name for good.
+    #[arg(long, value_name = "FIRST:COUNT", default_value = crate::supervisor::userns::DEFAULT_RANGE)]
+    userns_range: crate::supervisor::userns::UsernsRange,
     #[command(flatten)]
     proxy: ProxyFlags,
     #[command(flatten)]
@@ -171,6 +175,17 @@ async fn run(
         nft_table: args.nft_table.clone(),
         veth_prefix: args.veth_prefix.clone(),
     };
+    // Listeners of the daemon itself first: a bad flag or a taken port changes nothing.
+    let remote_api = args.remote_api.bind().await?;
+    // Served by the daemon (the proxy's figures and the instances'), not by the proxy process.
+    let metrics_listener = match args.proxy.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        ),
+        None => None,
+    };
     // Sockets systemd passes for the proxy (deliverous-http.socket, deliverous-https.socket)
     // replace --http-listen / --https-listen: the proxy serves exactly those.
     let mut activated = Vec::new();
@@ -216,6 +231,9 @@ async fn run(
     })
     .await
     .context("cannot start the proxy (choose other --http-listen / --https-listen addresses if the ports are taken)")?;
+    // A proxy this daemon started is stopped again if the start fails from here on (one that was
+    // already running serves instances and stays).
+    let mut proxy_guard = StopProxyUnlessStarted { proxy: proxy.clone(), armed: proxy.started_here() };
     // The API socket: handed over by the previous daemon (--upgrade), passed by systemd, or
     // bound here.
     let (api_listener, api_activated) = match (inherited_api, activation.take_unix("api")?) {
@@ -230,16 +248,6 @@ async fn run(
         (None, None) => (bind_api_socket(&api_socket).await?, false),
     };
     drop(activation);
-    let remote_api = args.remote_api.bind().await?;
-    // Served by the daemon (the proxy's figures and the instances'), not by the proxy process.
-    let metrics_listener = match args.proxy.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
-        ),
-        None => None,
-    };
     let handed_over = Arc::new(tokio::sync::Notify::new());
     {
         use std::os::fd::AsFd;
@@ -267,6 +275,7 @@ async fn run(
         keep_revisions: args.keep_revisions,
         restart_max_delay: Duration::from_millis(args.restart_max_delay),
         proxy_ports: proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.port()).collect(),
+        userns_range: args.userns_range,
     };
     let events = Arc::new(crate::events::Events::open(&args.data_dir));
     let sup = Supervisor::new(settings, store, images, net, proxy.clone(), events);
@@ -297,6 +306,7 @@ async fn run(
     );
 
     let app = crate::api::router(sup.clone());
+    proxy_guard.armed = false;
     notifier.send(&format!(
         "READY=1\nSTATUS=serving: {api_where}, proxy on {}",
         proxy.http_addrs.iter().chain(&proxy.https_addrs).map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
@@ -367,6 +377,21 @@ async fn shutdown_signal() {
         _ = int.recv() => {},
     }
     tracing::info!("shutting down; instances keep running");
+}
+
+/// Stops the proxy process when dropped while armed: a daemon that fails to start must not leave
+/// a proxy it started behind.
+struct StopProxyUnlessStarted {
+    proxy: Arc<crate::proxy::link::ProxyLink>,
+    armed: bool,
+}
+
+impl Drop for StopProxyUnlessStarted {
+    fn drop(&mut self) {
+        if self.armed {
+            self.proxy.stop_now();
+        }
+    }
 }
 
 /// Binds the API socket at `path`: mode 0660, group `deliverous` when that group exists (its

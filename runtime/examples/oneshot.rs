@@ -50,6 +50,7 @@ fn print_spec(rootfs: &str, netns: &str, cgroups_path: &str, argv: &[String]) ->
         capabilities: spec::capabilities(&[], &[])?,
         binds: vec![],
         cgroup_v2: deliverous_runtime::cgroup::unified(),
+        userns: None,
     };
     let json = serde_json::to_string_pretty(&spec::render(&instance)).map_err(|e| e.to_string())?;
     println!("{json}");

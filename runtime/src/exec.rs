@@ -202,6 +202,7 @@ fn plan(cfg: &ExecConfig) -> Result<Plan, Failure> {
             LinuxNamespaceType::Mount => ("mnt", CloneFlags::CLONE_NEWNS),
             LinuxNamespaceType::Network => ("net", CloneFlags::CLONE_NEWNET),
             LinuxNamespaceType::Cgroup => ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+            LinuxNamespaceType::User => ("user", CloneFlags::CLONE_NEWUSER),
             other => return Err(internal(format!("cannot join a {other:?} namespace"))),
         };
         let path = format!("/proc/{}/ns/{name}", cfg.pid);
@@ -212,8 +213,13 @@ fn plan(cfg: &ExecConfig) -> Result<Plan, Failure> {
             namespaces.push((flag, file));
         }
     }
-    // The mount namespace last: after it, host paths are out of sight.
-    namespaces.sort_by_key(|(flag, _)| *flag == CloneFlags::CLONE_NEWNS);
+    // The user namespace first (the others are owned by it: inside it we hold every
+    // capability over them), the mount namespace last: after it, host paths are out of sight.
+    namespaces.sort_by_key(|(flag, _)| match *flag {
+        CloneFlags::CLONE_NEWUSER => 0,
+        CloneFlags::CLONE_NEWNS => 2,
+        _ => 1,
+    });
 
     let mut cgroup_procs = Vec::new();
     for dir in cgroup::dirs(&cgroups_path) {

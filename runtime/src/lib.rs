@@ -11,4 +11,5 @@ pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod user;
+pub mod userns;
 pub mod volume;

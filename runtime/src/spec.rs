@@ -180,6 +180,25 @@ pub struct InstanceSpec {
     pub binds: Vec<Bind>,
     /// The host runs the unified cgroup v2 hierarchy (`cgroup::unified()`), not v1.
     pub cgroup_v2: bool,
+    /// A user namespace of its own, container ids mapped to this host range. The instance
+    /// then also gets a network namespace of its own (owned by that user namespace, which a
+    /// pre-made one joined by path cannot be), configured from outside after `build()`: `netns`
+    /// is where the shim binds it.
+    pub userns: Option<IdMap>,
+}
+
+/// Container uids and gids `0..size` are host ids `host_first..host_first + size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    pub host_first: u32,
+    pub size: u32,
+}
+
+impl IdMap {
+    /// The host id of container id `id`, if it is mapped.
+    pub fn to_host(&self, id: u32) -> Option<u32> {
+        (id < self.size).then(|| self.host_first + id)
+    }
 }
 
 /// CPU period used with `--cpus`: 100 ms, as Docker does.
@@ -268,7 +287,16 @@ pub fn render(spec: &InstanceSpec) -> Value {
         mounts
             .push(json!({"destination": bind.destination, "type": "bind", "source": bind.source, "options": options}));
     }
-    json!({
+    let mut namespaces =
+        vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    match &spec.userns {
+        None => namespaces.push(json!({"type": "network", "path": spec.netns})),
+        Some(_) => {
+            namespaces.push(json!({"type": "user"}));
+            namespaces.push(json!({"type": "network"}));
+        }
+    }
+    let mut value = json!({
         "ociVersion": "1.0.2",
         "hostname": spec.hostname,
         "root": {"path": spec.rootfs, "readonly": false},
@@ -283,20 +311,20 @@ pub fn render(spec: &InstanceSpec) -> Value {
         },
         "mounts": mounts,
         "linux": {
-            "namespaces": [
-                {"type": "pid"},
-                {"type": "ipc"},
-                {"type": "uts"},
-                {"type": "mount"},
-                {"type": "network", "path": spec.netns},
-            ],
+            "namespaces": namespaces,
             "cgroupsPath": spec.cgroups_path,
             "resources": resources,
             "seccomp": seccomp::profile(&spec.capabilities),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
-    })
+    });
+    if let Some(map) = &spec.userns {
+        let mapping = json!([{"containerID": 0, "hostID": map.host_first, "size": map.size}]);
+        value["linux"]["uidMappings"] = mapping.clone();
+        value["linux"]["gidMappings"] = mapping;
+    }
+    value
 }
 
 #[cfg(test)]
@@ -322,6 +350,7 @@ mod tests {
             capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
             cgroup_v2: false,
             binds: vec![],
+            userns: None,
         }
     }
 
@@ -420,5 +449,25 @@ mod tests {
         assert_eq!(v["process"]["capabilities"]["effective"], json!(["CAP_KILL"]));
         assert!(v["process"]["capabilities"].get("ambient").is_none());
         assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+    }
+
+    #[test]
+    fn a_user_namespace_maps_ids_and_brings_its_own_network_namespace() {
+        let mut s = sample();
+        let v = render(&s);
+        assert_eq!(v["linux"]["namespaces"][4], json!({"type": "network", "path": "/run/deliverous/netns/x"}));
+        assert!(v["linux"].get("uidMappings").is_none());
+        s.userns = Some(IdMap { host_first: 1_000_000, size: 65536 });
+        let v = render(&s);
+        let namespaces = v["linux"]["namespaces"].as_array().unwrap();
+        assert!(namespaces.contains(&json!({"type": "user"})));
+        assert!(namespaces.contains(&json!({"type": "network"})), "a new one, not joined by path: {namespaces:?}");
+        let map = json!([{"containerID": 0, "hostID": 1_000_000, "size": 65536}]);
+        assert_eq!(v["linux"]["uidMappings"], map);
+        assert_eq!(v["linux"]["gidMappings"], map);
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(v).expect("valid spec");
+        assert!(spec.linux().as_ref().and_then(|l| l.uid_mappings().as_ref()).is_some());
+        let m = IdMap { host_first: 1_000_000, size: 65536 };
+        assert_eq!((m.to_host(0), m.to_host(65535), m.to_host(65536)), (Some(1_000_000), Some(1_065_535), None));
     }
 }

@@ -131,6 +131,9 @@ pub struct CreateApp {
     pub restart: Option<String>,
     #[serde(default)]
     pub rollout: deploys::RolloutPatch,
+    /// Run instances in a user namespace of their own.
+    #[serde(default)]
+    pub userns: bool,
 }
 
 /// Proxy settings in a create or config request; only the fields present change.
@@ -253,6 +256,8 @@ pub struct ConfigPatch {
     pub restart: Option<String>,
     #[serde(default)]
     pub rollout: deploys::RolloutPatch,
+    /// Run instances in a user namespace of their own (or not): a new revision.
+    pub userns: Option<bool>,
 }
 
 /// `always`, `on-failure`, `never`, or a 400 that says so.
@@ -300,6 +305,7 @@ pub struct AppView {
     pub routing: apps::Routing,
     pub restart: apps::RestartPolicy,
     pub rollout: apps::rollout::Rollout,
+    pub userns: bool,
     /// The latest deploy or rollback and how it ended.
     pub last_deploy: Option<apps::store::Deploy>,
     pub instances_desired: u32,
@@ -341,6 +347,7 @@ fn view(sup: &Supervisor, app: &App) -> Result<AppView, ApiError> {
         routing: app.spec.routing.clone(),
         restart: app.spec.restart,
         rollout: app.spec.rollout.clone(),
+        userns: app.spec.userns,
         last_deploy: sup.store().deploys(&app.name)?.pop(),
         instances_desired: app.instances,
         revision,
@@ -500,6 +507,7 @@ async fn create_app(
         cap_drop: normalize_caps(req.cap_drop)?,
         domains: req.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         restart: req.restart.as_deref().map(restart_policy).transpose()?.unwrap_or_default(),
+        userns: req.userns,
         ..AppSpec::new(req.image, req.port)
     };
     let mut spec = spec;
@@ -678,6 +686,9 @@ fn patched(sup: &Supervisor, name: &str, base: &AppSpec, patch: ConfigPatch) -> 
     patch.routing.apply(&mut spec.routing)?;
     if let Some(r) = &patch.restart {
         spec.restart = restart_policy(r)?;
+    }
+    if let Some(u) = patch.userns {
+        spec.userns = u;
     }
     patch.rollout.apply(&mut spec.rollout);
     spec.validate().map_err(ApiError::bad_request)?;

@@ -64,6 +64,10 @@ pub struct AppSpec {
     /// How deploys replace instances and when an unhealthy instance is replaced.
     #[serde(default, skip_serializing_if = "rollout::Rollout::is_default")]
     pub rollout: rollout::Rollout,
+    /// Instances run in a user namespace of their own: container root is an unprivileged host
+    /// id of a range kept for the app (daemon flag `--userns-range`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub userns: bool,
 }
 
 /// What happens to an instance's slot when the instance exits without being asked to, as
@@ -263,6 +267,7 @@ impl AppSpec {
             routing: Routing::default(),
             restart: RestartPolicy::default(),
             rollout: rollout::Rollout::default(),
+            userns: false,
         }
     }
 

@@ -2,6 +2,7 @@
 //! supervisor created (with their IP leases), so a restarted daemon finds everything again.
 
 mod deploys;
+mod userns;
 
 pub use deploys::{Deploy, DeployState};
 
@@ -24,6 +25,11 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("no free IP address left in the instance subnet")]
     SubnetFull,
+    #[error(
+        "no free user namespace range left in {first}..{} (daemon flag --userns-range): widen it",
+        u64::from(*first) + u64::from(*count)
+    )]
+    UsernsFull { first: u32, count: u32 },
 }
 
 /// An instance as persisted: enough to re-attach to its shim or clean up after it.
@@ -87,6 +93,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(deploys::SCHEMA)?;
         conn.execute_batch(tokens::SCHEMA)?;
+        conn.execute_batch(userns::SCHEMA)?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 

@@ -79,6 +79,9 @@ struct AppFile {
     /// `always` (the default), `on-failure` or `never`.
     #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
     restart: RestartPolicy,
+    /// Instances in a user namespace of their own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    userns: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -315,6 +318,7 @@ impl AppFile {
             domains,
             routing: self.routing()?,
             restart: self.restart,
+            userns: self.userns,
             rollout: self.rollout.as_ref().map_or_else(Rollout::default, |r| Rollout {
                 surge: r.surge,
                 max_unavailable: r.max_unavailable,
@@ -414,6 +418,7 @@ impl AppFile {
             cap_add: s.cap_add.clone(),
             cap_drop: s.cap_drop.clone(),
             restart: s.restart,
+            userns: s.userns,
             env: s.env.clone(),
             health,
             proxy: (proxy != ProxyFile::default()).then_some(proxy),
@@ -544,6 +549,8 @@ struct View {
     #[serde(default)]
     restart: RestartPolicy,
     rollout: Rollout,
+    #[serde(default)]
+    userns: bool,
     instances_desired: u32,
 }
 
@@ -563,6 +570,7 @@ impl View {
             routing: self.routing.clone(),
             restart: self.restart,
             rollout: self.rollout.clone(),
+            userns: self.userns,
             ..AppSpec::new(self.image.clone(), self.port)
         };
         Declared { spec, instances: self.instances_desired, running: self.state == "running" }
@@ -754,6 +762,7 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
         out.set("stop_timeout", a.stop_timeout.map_or("default".into(), |t| format!("{t}s")), format!("{t}s"));
     }
     out.set("restart", a.restart.to_string(), b.restart.to_string());
+    out.set("userns", a.userns.to_string(), b.userns.to_string());
     out.items("volume", &a.volumes, &b.volumes);
     out.items("cap_add", &a.cap_add, &b.cap_add);
     out.items("cap_drop", &a.cap_drop, &b.cap_drop);
@@ -901,6 +910,9 @@ fn config_patch(current: &AppSpec, desired: &AppSpec) -> Option<Value> {
     if a.restart != b.restart {
         p.insert("restart".into(), json!(b.restart));
     }
+    if a.userns != b.userns {
+        p.insert("userns".into(), json!(b.userns));
+    }
     for (key, x, y) in [
         ("volumes", &a.volumes, &b.volumes),
         ("cap_add", &a.cap_add, &b.cap_add),
@@ -950,6 +962,7 @@ fn create_body(name: &str, d: &Declared) -> Value {
         ("pids", s.pids.map(|p| json!(p))),
         ("stop_timeout", s.stop_timeout.map(|t| json!(t))),
         ("restart", (!s.restart.is_default()).then(|| json!(s.restart))),
+        ("userns", s.userns.then_some(json!(true))),
     ] {
         if let Some(v) = v {
             body[key] = v;
@@ -1508,5 +1521,23 @@ tcp = [6379, "16379:6380"]
         assert!(lines(&desired, &parse(&text)["api"]).is_empty(), "{text}");
         let both = format!("{no_check}path = \"/\"\n");
         assert!(errors(&both)[0].contains("none = true takes no path"), "{:?}", errors(&both));
+    }
+
+    #[test]
+    fn userns_plans_patches_creates_and_exports() {
+        let current = as_daemon_shows(&parse(WEB)["web"]);
+        let text = WEB.replacen("port = 8080\n", "port = 8080\nuserns = true\n", 1);
+        assert_ne!(text, WEB, "the sample has the port line");
+        let desired = parse(&text)["web"].clone();
+        assert!(desired.spec.userns);
+        assert_eq!(lines(&current, &desired), ["userns false → true"]);
+        assert_eq!(config_patch(&current.spec, &desired.spec), Some(json!({"userns": true})));
+        assert_eq!(config_patch(&desired.spec, &current.spec), Some(json!({"userns": false})));
+        assert_eq!(create_body("web", &desired)["userns"], true);
+        assert!(create_body("web", &current).get("userns").is_none());
+        let exported = toml::to_string(&BTreeMap::from([("apps", BTreeMap::from([("web", AppFile::of(&desired))]))]))
+            .expect("toml");
+        assert!(exported.contains("userns = true"), "{exported}");
+        assert!(lines(&desired, &parse(&exported)["web"]).is_empty(), "{exported}");
     }
 }

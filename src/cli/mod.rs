@@ -168,6 +168,10 @@ pub struct Settings {
     /// empty until `app start`, `app scale` or a config change).
     #[arg(long, value_name = "POLICY", value_parser = ["always", "on-failure", "never"])]
     restart: Option<String>,
+    /// Run instances in a user namespace of their own: root inside is an unprivileged id range
+    /// on the host, kept for the app (`--userns=false` turns it off; a change is a new revision).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    userns: Option<bool>,
     /// Extra host name routed to the app: example.com, *.example.com (every name below it),
     /// optionally with a path prefix: example.com/api (repeatable).
     #[arg(long = "domain", value_name = "DOMAIN")]
@@ -668,6 +672,9 @@ fn add_settings(body: &mut Value, settings: &Settings) {
     if let Some(r) = &settings.restart {
         body["restart"] = json!(r);
     }
+    if let Some(u) = settings.userns {
+        body["userns"] = json!(u);
+    }
     for (key, given) in [("cap_add", &settings.cap_add), ("cap_drop", &settings.cap_drop)] {
         if !given.is_empty() {
             let caps: Vec<&String> = given.iter().filter(|c| !c.eq_ignore_ascii_case("none")).collect();
@@ -825,6 +832,7 @@ fn show(app: &Value, usage: &Value) {
         ("routing", routing_summary(&app["routing"])),
         ("health", s(&app["health_check"]["description"])),
         ("restart", app["restart"].as_str().unwrap_or("always").to_string()),
+        ("userns", if app["userns"] == true { "yes (own user namespace)" } else { "no" }.to_string()),
         ("rollout", routing_summary(&app["rollout"])),
         ("deploy", deploys::last_deploy(&app["last_deploy"])),
         ("instances", s(&app["instances_desired"])),

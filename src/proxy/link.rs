@@ -55,6 +55,8 @@ pub struct ProxyLink {
     /// Serialises starting and replacing the proxy with pushing tables to it.
     held: tokio::sync::Mutex<Vec<(ListenerDesc, OwnedFd)>>,
     pid: AtomicU32,
+    /// This daemon started the proxy (none was running).
+    started_here: bool,
     replace_pending: AtomicBool,
     /// Tables are held back until the daemon has re-attached every instance: a table built
     /// half-way would take live instances out of rotation.
@@ -83,6 +85,7 @@ impl ProxyLink {
             delivered,
             held: tokio::sync::Mutex::new(Vec::new()),
             pid: AtomicU32::new(0),
+            started_here: false,
             replace_pending: AtomicBool::new(false),
             started: watch::channel(false).0,
             http_addrs: Vec::new(),
@@ -107,6 +110,7 @@ impl ProxyLink {
                 let held = link.listeners_for(Vec::new())?;
                 let (pid, child) = link.spawn(&held).await?;
                 link.pid.store(pid, Ordering::Relaxed);
+                link.started_here = true;
                 (held, Some(child))
             }
         };
@@ -423,6 +427,26 @@ impl ProxyLink {
         // No respawn: the watcher sees another PID.
         let pid = self.pid.swap(0, Ordering::Relaxed);
         if let Err(e) = control::call(&self.control, &Request::Retire, CALL_TIMEOUT).await {
+            tracing::warn!(pid, "cannot stop the proxy: {e}");
+        }
+    }
+
+    /// Whether this daemon started the proxy (rather than re-attaching to a running one).
+    pub fn started_here(&self) -> bool {
+        self.started_here
+    }
+
+    /// [`ProxyLink::stop`] without an async runtime (blocking, a second at most).
+    pub fn stop_now(&self) {
+        use std::io::Write;
+        let pid = self.pid.swap(0, Ordering::Relaxed);
+        let sent = std::os::unix::net::UnixStream::connect(&self.control).and_then(|mut s| {
+            s.set_write_timeout(Some(Duration::from_secs(1)))?;
+            let mut line = serde_json::to_vec(&Request::Retire).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            s.write_all(&line)
+        });
+        if let Err(e) = sent {
             tracing::warn!(pid, "cannot stop the proxy: {e}");
         }
     }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deliverous_images::Image;
-use deliverous_runtime::network::veth_name;
+use deliverous_runtime::network::{veth_name, SandboxPlan};
 use deliverous_runtime::shim::protocol::{ExitStatus, Reply, Request};
-use deliverous_runtime::{cgroup, rootfs, spec, user, volume};
+use deliverous_runtime::{cgroup, rootfs, spec, user, userns, volume};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -141,7 +141,13 @@ impl Supervisor {
 
     /// Blocking: the bind mounts of an app's volumes. A named volume used for the first time is
     /// created with what the image has at its target (owner and mode included), as Docker does.
-    fn volume_binds(&self, rev: &Revision, rootfs: &Path, uid: &str) -> Result<Vec<spec::Bind>, String> {
+    fn volume_binds(
+        &self,
+        rev: &Revision,
+        rootfs: &Path,
+        uid: &str,
+        idmap: Option<&spec::IdMap>,
+    ) -> Result<Vec<spec::Bind>, String> {
         let s = &self.settings;
         s.check_host_paths(&rev.spec)?;
         let mut binds = Vec::new();
@@ -152,12 +158,15 @@ impl Supervisor {
                 volume::Source::Named(name) => {
                     let dir = s.volume_dir(name);
                     if !dir.exists() {
-                        create_volume(&dir, seed_dir(rootfs, &v.target).as_deref(), uid)
+                        create_volume(&dir, seed_dir(rootfs, &v.target).as_deref(), uid, idmap)
                             .map_err(|e| format!("creating volume {name}: {e}"))?;
                     }
                     dir
                 }
             };
+            if let Some(map) = idmap {
+                super::userns::make_reachable(&source.join("."), &s.data_dir, map)?;
+            }
             binds.push(spec::Bind { source, destination: v.target, read_only: v.read_only });
         }
         Ok(binds)
@@ -170,12 +179,44 @@ impl Supervisor {
         let dir = s.instance_dir(&row.uid);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let layers = self.images.layer_dirs(image);
-        let rootfs_path = rootfs::mount_overlay(&dir, &layers).map_err(|e| e.to_string())?;
+        let idmap = if rev.spec.userns { Some(self.userns_map(&row.app).map_err(|e| e.to_string())?) } else { None };
+        let mut idmapped = None;
+        if let Some(map) = &idmap {
+            super::userns::make_reachable(&dir.join("rootfs"), &s.data_dir, map)?;
+            // The instance's root directory and all it writes belong to its root.
+            let upper = dir.join("upper");
+            std::fs::create_dir_all(&upper).map_err(|e| format!("{}: {e}", upper.display()))?;
+            userns::own_as_root(&upper, map).map_err(|e| format!("{}: {e}", upper.display()))?;
+            // The image's layers are shared: not chowned, but seen through idmapped mounts
+            // where the kernel can. Otherwise they stay host root's: `nobody` inside, readable
+            // and executable but not writable in place (see README, --userns).
+            idmapped = match userns::mount_overlay_idmapped(&dir, &layers, map) {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    tracing::warn!(app = %row.app, "{e}: the image's files stay host root's (nobody inside)");
+                    None
+                }
+            };
+        }
+        let rootfs_path = match idmapped {
+            Some(path) => path,
+            None => rootfs::mount_overlay(&dir, &layers).map_err(|e| e.to_string())?,
+        };
         let hostname = format!("{}.{}", row.app, row.slot);
         let passwd = user::read_etc_file(&rootfs_path, "passwd");
         let group = user::read_etc_file(&rootfs_path, "group");
         let who = user::resolve(image.config.user.as_deref(), &passwd, &group).map_err(|e| e.to_string())?;
-        let binds = self.volume_binds(rev, &rootfs_path, &row.uid)?;
+        if let Some(map) = &idmap {
+            let unmapped = std::iter::once(who.uid).chain([who.gid]).chain(who.additional_gids.iter().copied());
+            if let Some(id) = unmapped.into_iter().find(|id| map.to_host(*id).is_none()) {
+                return Err(format!(
+                    "the image's user ({:?}) has id {id}, outside the {} ids of the app's user namespace",
+                    image.config.user.as_deref().unwrap_or_default(),
+                    map.size
+                ));
+            }
+        }
+        let binds = self.volume_binds(rev, &rootfs_path, &row.uid, idmap.as_ref())?;
         let args = spec::command_line(&image.config.entrypoint, &image.config.cmd);
         if args.is_empty() {
             return Err(format!("image {} has neither Entrypoint nor Cmd: nothing to run", rev.image));
@@ -189,12 +230,23 @@ impl Supervisor {
         for (name, content) in etc {
             let path = dir.join(name);
             std::fs::write(&path, content).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(map) = &idmap {
+                // Root inside may rewrite them, as it may without a user namespace.
+                userns::own_as_root(&path, map).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
             let dest: &'static str = match name {
                 "hosts" => "/etc/hosts",
                 "hostname" => "/etc/hostname",
                 _ => "/etc/resolv.conf",
             };
             etc_files.push((path, dest));
+        }
+        if let Some(map) = &idmap {
+            let points = etc_files.iter().map(|(_, dest)| (*dest, false));
+            for (dest, dir) in points.chain(binds.iter().map(|b| (b.destination.as_str(), true))) {
+                userns::make_mount_point(&rootfs_path, dest, dir, map)
+                    .map_err(|e| format!("mount point {dest} in the root filesystem: {e}"))?;
+            }
         }
         let instance = spec::InstanceSpec {
             hostname: hostname.clone(),
@@ -220,6 +272,7 @@ impl Supervisor {
             binds,
             capabilities: spec::capabilities(&rev.spec.cap_add, &rev.spec.cap_drop)
                 .map_err(|e| format!("app capabilities: {e}"))?,
+            userns: idmap,
         };
         let config = serde_json::to_vec_pretty(&spec::render(&instance)).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("config.json"), config).map_err(|e| format!("config.json: {e}"))?;
@@ -227,9 +280,14 @@ impl Supervisor {
         if let Some(parent) = netns.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        self.net
-            .create_sandbox(&netns, &veth_name(&self.net.config().veth_prefix, &row.uid), row.ip)
-            .map_err(|e| e.to_string())?;
+        let veth = veth_name(&self.net.config().veth_prefix, &row.uid);
+        if idmap.is_some() {
+            // The container makes its own network namespace (owned by its user namespace);
+            // its shim plugs it between build and start, as the plan says.
+            SandboxPlan { network: self.net.config().clone(), ns_path: netns, veth, ip: row.ip }.save(&dir)?;
+        } else {
+            self.net.create_sandbox(&netns, &veth, row.ip).map_err(|e| e.to_string())?;
+        }
         Ok(parse_signal(image.config.stop_signal.as_deref()))
     }
 
@@ -706,7 +764,9 @@ fn seed_dir(rootfs: &Path, target: &str) -> Option<std::path::PathBuf> {
 /// Makes volume directory `dir`, seeded from `seed` (the image's content at the mount point) if
 /// there is one. Built aside and renamed into place: a volume directory is complete or
 /// absent, and of two instances creating it at once one wins, the other uses the winner's.
-fn create_volume(dir: &Path, seed: Option<&Path>, uid: &str) -> std::io::Result<()> {
+/// For an instance in a user namespace (`idmap`), the volume is owned by the ids its owners
+/// map to.
+fn create_volume(dir: &Path, seed: Option<&Path>, uid: &str, idmap: Option<&spec::IdMap>) -> std::io::Result<()> {
     let parent = dir.parent().unwrap_or(dir);
     std::fs::create_dir_all(parent)?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -717,6 +777,10 @@ fn create_volume(dir: &Path, seed: Option<&Path>, uid: &str) -> std::io::Result<
         Some(seed) => volume::copy_up(seed, &tmp),
         None => Ok(()),
     };
+    let seeded = seeded.and_then(|()| match idmap {
+        Some(map) => deliverous_runtime::userns::shift_tree(&tmp, map),
+        None => Ok(()),
+    });
     let result = seeded.and_then(|()| match std::fs::rename(&tmp, dir) {
         Err(_) if dir.is_dir() => std::fs::remove_dir_all(&tmp),
         other => other,

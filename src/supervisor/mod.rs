@@ -8,6 +8,7 @@ mod instance;
 mod restart;
 mod rollout;
 mod run;
+pub mod userns;
 
 pub use exec::{ExecOptions, Outcome, Session, SessionIo, DAEMON_ERROR};
 pub use health::{CheckView, Health};
@@ -56,6 +57,8 @@ pub struct Settings {
     pub restart_max_delay: Duration,
     /// The proxy's own listening ports (an app cannot publish them as TCP ports).
     pub proxy_ports: Vec<u16>,
+    /// Host ids `--userns` apps' ranges are taken from.
+    pub userns_range: userns::UsernsRange,
 }
 
 impl Settings {

@@ -231,10 +231,56 @@ impl HostNetwork {
                 ))
             })?;
 
-        let (netns, mut inside) = netns::create(ns_path)?;
+        let (netns, inside) = netns::create(ns_path)?;
+        self.plug(&mut host, bridge.index, ns_path, netns, inside, veth_name, ip)
+    }
+
+    /// [`create_sandbox`](Self::create_sandbox) for a network namespace that already exists
+    /// (`source`, e.g. `/proc/<pid>/ns/net` of a container with a user namespace of its own,
+    /// whose network namespace must be owned by that user namespace): it is bound at `ns_path`
+    /// and configured the same way. Needs to run as root on the host.
+    pub fn adopt_sandbox(
+        &self,
+        ns_path: &Path,
+        source: &Path,
+        veth_name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), NetworkError> {
+        let cfg = &self.config;
+        check_ifname(veth_name)
+            .map_err(|why| NetworkError::InvalidSandbox(format!("veth name {veth_name:?}: {why}")))?;
+        cfg.subnet.check_instance_address(ip).map_err(NetworkError::InvalidSandbox)?;
+        let mut host = open_host_rtnl(&format!("adopt sandbox {ns_path:?}"))?;
+        let bridge = host
+            .link(&cfg.bridge)
+            .map_err(|e| e.during(format!("look up bridge {:?}", cfg.bridge)))?
+            .ok_or_else(|| {
+                NetworkError::InvalidSandbox(format!(
+                    "bridge {:?} does not exist: call HostNetwork::ensure first",
+                    cfg.bridge
+                ))
+            })?;
+        let (netns, inside) = netns::adopt(ns_path, source)?;
+        self.plug(&mut host, bridge.index, ns_path, netns, inside, veth_name, ip)
+    }
+
+    /// The veth pair between the bridge and the namespace at `ns_path`, and the namespace's
+    /// side configured; on failure the veth and the namespace file are removed.
+    #[allow(clippy::too_many_arguments)]
+    fn plug(
+        &self,
+        host: &mut Rtnl,
+        bridge_index: u32,
+        ns_path: &Path,
+        netns: std::fs::File,
+        mut inside: Rtnl,
+        veth_name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), NetworkError> {
+        let cfg = &self.config;
         let undo_namespace = |error: NetworkError| error.with_cleanup(netns::remove(ns_path));
 
-        host.add_veth(veth_name, bridge.index, SANDBOX_INTERFACE, instance_mac(ip), netns.as_raw_fd()).map_err(
+        host.add_veth(veth_name, bridge_index, SANDBOX_INTERFACE, instance_mac(ip), netns.as_raw_fd()).map_err(
             |e| {
                 undo_namespace(e.during(format!(
                     "create veth {veth_name:?} (bridge {:?}) with peer {SANDBOX_INTERFACE} in {ns_path:?}",
@@ -352,4 +398,45 @@ fn enable_ip_forward() -> Result<(), NetworkError> {
     }
     std::fs::write(IP_FORWARD, "1")
         .map_err(|e| NetworkError::kernel(format!("enable IPv4 forwarding ({IP_FORWARD})"), e))
+}
+
+/// File in an instance's bundle that tells its shim to plug the network after `build()`: the
+/// container makes its own network namespace (it has a user namespace of its own, see
+/// `spec::InstanceSpec::userns`).
+pub const SANDBOX_PLAN_FILE: &str = "sandbox.json";
+
+/// How to plug a container that made its own network namespace: which host network, where to
+/// bind the namespace, which veth and address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxPlan {
+    pub network: NetworkConfig,
+    pub ns_path: std::path::PathBuf,
+    pub veth: String,
+    pub ip: Ipv4Addr,
+}
+
+impl SandboxPlan {
+    /// Writes the plan into `bundle`.
+    pub fn save(&self, bundle: &Path) -> Result<(), String> {
+        let path = bundle.join(SANDBOX_PLAN_FILE);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The plan in `bundle`, if there is one.
+    pub fn load(bundle: &Path) -> Result<Option<SandboxPlan>, String> {
+        let path = bundle.join(SANDBOX_PLAN_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Plugs the network namespace of process `pid` as the plan says.
+    pub fn apply(&self, pid: i32) -> Result<(), NetworkError> {
+        let net = HostNetwork::new(self.network.clone())?;
+        let source = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        net.adopt_sandbox(&self.ns_path, &source, &self.veth, self.ip)
+    }
 }

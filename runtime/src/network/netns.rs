@@ -7,7 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::statfs::{statfs, NSFS_MAGIC};
 
 use super::rtnl::Rtnl;
@@ -40,6 +40,44 @@ pub(super) fn create(path: &Path) -> Result<(File, Rtnl), NetworkError> {
             .map_err(|e| NetworkError::kernel(format!("open network namespace {path:?}"), e))
     });
     opened.map_err(|error| error.with_cleanup(remove(path)))
+}
+
+/// Binds the existing network namespace `source` (e.g. `/proc/<pid>/ns/net` of a container
+/// that made its own) at `path` (which must not exist), so that it outlives that process and
+/// is removed like one made by [`create`]; returns it as [`create`] does. Nothing is left behind
+/// on failure.
+pub(super) fn adopt(path: &Path, source: &Path) -> Result<(File, Rtnl), NetworkError> {
+    OpenOptions::new().write(true).create_new(true).mode(0o444).open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            NetworkError::SandboxExists { path: path.to_path_buf() }
+        } else {
+            NetworkError::kernel(format!("create namespace file {path:?}"), e)
+        }
+    })?;
+    let result = mount(Some(source), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| NetworkError::from_nix(format!("bind-mount network namespace {source:?} on {path:?}"), e))
+        .and_then(|()| {
+            File::open(path).map_err(|e| NetworkError::kernel(format!("open network namespace {path:?}"), e))
+        })
+        .and_then(|file| {
+            let rtnl = std::thread::scope(|scope| {
+                std::thread::Builder::new()
+                    .name("dlv-netns".into())
+                    .spawn_scoped(scope, || {
+                        setns(&file, CloneFlags::CLONE_NEWNET)
+                            .map_err(|e| NetworkError::from_nix(format!("setns into {path:?}"), e))?;
+                        Rtnl::open()
+                            .map_err(|e| e.during(format!("open rtnetlink socket in network namespace {path:?}")))
+                    })
+                    .map_err(|e| NetworkError::kernel("spawn network namespace thread", e))?
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(NetworkError::ThreadPanicked { operation: format!("enter network namespace {path:?}") })
+                    })
+            })?;
+            Ok((file, rtnl))
+        });
+    result.map_err(|error| error.with_cleanup(remove(path)))
 }
 
 /// Runs on the dedicated thread: after `unshare` this thread lives in the new namespace until

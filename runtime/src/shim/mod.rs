@@ -163,6 +163,21 @@ pub fn start_container_with(
         .with_detach(true)
         .build()
         .map_err(|e| format!("cannot create container: {e}"))?;
+    // A container with a user namespace of its own made its own network namespace too (one
+    // owned by the host's user namespace could not be joined from inside it): plug it now,
+    // while its init waits for `start()`. We are root on the host and single-threaded; no
+    // round trip to the daemon is needed.
+    let plugged = crate::network::SandboxPlan::load(bundle).and_then(|plan| match (plan, container.pid()) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err("the created container has no pid to plug its network into".into()),
+        (Some(plan), Some(pid)) => {
+            plan.apply(pid.as_raw()).map_err(|e| format!("cannot plug the instance's network namespace: {e}"))
+        }
+    });
+    if let Err(e) = plugged {
+        let _ = container.delete(true);
+        return Err(e);
+    }
     if let Err(e) = container.start() {
         let _ = container.delete(true);
         return Err(format!("cannot start container: {e}"));
