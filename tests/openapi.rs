@@ -99,7 +99,7 @@ fn schemathesis_finds_no_server_error_and_responses_match_the_document() {
     std::fs::write(
         &config,
         "[[operations]]\n\
-         include-operation-id-regex = \"^(pullImage|startApp|configApp)$\"\n\
+         include-operation-id-regex = \"^(pullImage|startApp|configApp|deployApp)$\"\n\
          checks.not_a_server_error.expected-statuses = [\"2xx\", \"3xx\", \"4xx\", \"502\"]\n",
     )
     .expect("write the schemathesis config");
