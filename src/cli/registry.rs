@@ -32,6 +32,7 @@ pub enum RegistryCommand {
         auth_file: PathBuf,
     },
     /// Forget the credentials saved for a registry.
+    #[command(after_help = "Example:\n  deliverous registry logout ghcr.io")]
     Logout {
         host: String,
         #[arg(long, env = "DELIVEROUS_AUTH_FILE", default_value = DEFAULT_AUTH_FILE)]
