@@ -98,7 +98,7 @@ enum Command {
     /// Tokens for the remote API (daemon flag --api-listen): create, ls, rm.
     #[command(subcommand, after_help = "Examples:\n  deliverous token create --name ci\n  deliverous token ls --json")]
     Token(cli::TokenCommand),
-    /// Registry credentials: login, logout.
+    /// Registry credentials: login, ls, logout.
     #[command(
         subcommand,
         after_help = "Examples:\n  deliverous registry login ghcr.io -u octocat\n  deliverous registry logout ghcr.io"

@@ -109,6 +109,41 @@ fn bad_usage_exits_2_and_an_unreachable_daemon_exits_3() {
     }
 }
 
+#[test]
+fn registry_ls_names_hosts_and_users_never_secrets() {
+    let dir = tempfile::Builder::new().prefix("dlv-test-cli-").tempdir().expect("temp dir");
+    let file = dir.path().join("auth.json");
+    let file_arg = file.to_string_lossy().into_owned();
+    // No file yet: nothing saved, not an error.
+    let (code, stdout, stderr) = run(&["registry", "ls", "--json", "--auth-file", &file_arg]);
+    assert_eq!((code, stdout.trim()), (Some(0), "[]"), "{stderr}");
+    // "ci:s3cret-value" and "octo:other-secret", as Docker writes them.
+    std::fs::write(
+        &file,
+        r#"{"auths": {"https://registry.example.com": {"auth": "Y2k6czNjcmV0LXZhbHVl"},
+            "ghcr.io": {"auth": "b2N0bzpvdGhlci1zZWNyZXQ="}, "helper.example": {}}}"#,
+    )
+    .expect("write the auth file");
+    let (code, stdout, stderr) = run(&["registry", "ls", "--json", "--auth-file", &file_arg]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let listed: Value = serde_json::from_str(&stdout).expect("registry ls --json prints JSON");
+    assert_eq!(
+        listed,
+        serde_json::json!([{"host": "ghcr.io", "username": "octo"}, {"host": "registry.example.com", "username": "ci"}])
+    );
+    let (code, table, _) = run(&["registry", "ls", "--auth-file", &file_arg]);
+    assert_eq!(code, Some(0));
+    assert!(table.starts_with("REGISTRY") && table.contains("registry.example.com  ci") && aligned(&table), "{table}");
+    for out in [&stdout, &table] {
+        assert!(!out.contains("s3cret") && !out.contains("other-secret") && !out.contains("Y2k6"), "{out}");
+    }
+    // A broken file is an error that says which file, exit 1.
+    std::fs::write(&file, "{not json").expect("write the auth file");
+    let (code, _, stderr) = run(&["registry", "ls", "--auth-file", &file_arg]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("auth.json"), "{stderr}");
+}
+
 /// Every line of `text` is a JSON object.
 fn json_lines(what: &str, text: &str) -> Vec<Value> {
     text.lines()
