@@ -26,7 +26,16 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "deliverous",
     version,
-    about = "Run Twelve-Factor apps from OCI images on one host: no Docker daemon, built-in reverse proxy"
+    about = "Run Twelve-Factor apps from OCI images on one host: no Docker daemon, built-in reverse proxy",
+    after_help = "Examples:\n  deliverous app create web --image registry.example.com/shop/web:1.4 --port 8080\n  \
+        deliverous app start web\n  deliverous app ls --json\n  deliverous logs web -f\n\n\
+        Commands that print data take --json (one JSON document; logs and events: one object per line).\n\n\
+        Exit codes:\n  \
+        0  done\n  \
+        1  the daemon refused or failed (unknown app: 404, conflict, failed deploy...); the message says why\n  \
+        2  bad usage: unknown flag, missing or invalid argument, unreadable apply file\n  \
+        3  the daemon cannot be reached (not running, wrong --host, connection broken)\n  \
+        exec and run exit with the command's own code once it has started."
 )]
 struct Cli {
     /// Daemon API address: unix:/path/api.sock, or https://HOST:PORT for a daemon started with
@@ -42,16 +51,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Manage apps: create, config, start, scale, stop, rm, ls, show, export.
-    #[command(subcommand)]
+    /// Manage apps: create, config, deploy, rollback, history, start, scale, stop, rm, ls, show, export.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  deliverous app create web --image registry.example.com/shop/web:1.4 --port 8080\n  \
+            deliverous app start web\n  deliverous app show web"
+    )]
     App(cli::AppCommand),
     /// Create, change, start, scale and (with --prune) remove apps to match a TOML file.
     #[command(
         after_help = "Examples:\n  deliverous apply -f deliverous.toml --dry-run\n  deliverous apply -f deliverous.toml"
     )]
     Apply(cli::ApplyArgs),
-    /// Manage images: pull, ls.
-    #[command(subcommand)]
+    /// Manage images: pull, ls, import, rm, prune.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  deliverous image pull registry.example.com/shop/web:1.4\n  deliverous image ls --json"
+    )]
     Image(cli::ImageCommand),
     /// Show an app's logs: all instances merged in time order, each line prefixed by its instance.
     #[command(after_help = "Examples:\n  deliverous logs web --tail 100\n  deliverous logs web -f --since 10m\n  \
@@ -62,28 +78,38 @@ enum Command {
     #[command(after_help = "Examples:\n  deliverous events --tail 20\n  deliverous events -f --app web\n  \
         deliverous events --since 10m --json")]
     Events(cli::EventsArgs),
-    /// Run a command inside a running instance, attached to this terminal.
+    /// Run a command inside a running instance, attached to this terminal; exits with its code.
     Exec(cli::ExecArgs),
     /// Run a one-off command (migrations, consoles) in a fresh instance of an app's current
-    /// revision, attached to this terminal; the instance is removed afterwards.
+    /// revision, attached to this terminal; the instance is removed afterwards. Exits with the
+    /// command's code.
     Run(cli::RunArgs),
     /// Print a shell completion script: `deliverous completions bash > /etc/bash_completion.d/deliverous`.
+    #[command(after_help = "Examples:\n  deliverous completions bash > /etc/bash_completion.d/deliverous\n  \
+        deliverous completions zsh > \"${fpath[1]}/_deliverous\"\n  \
+        deliverous completions fish > ~/.config/fish/completions/deliverous.fish")]
     Completions { shell: clap_complete::Shell },
     /// Named volumes: ls, rm.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  deliverous volume ls\n  deliverous volume rm web-data")]
     Volume(cli::VolumeCommand),
     /// Live CPU, memory, pids, restarts and requests/s of every instance.
     #[command(after_help = "Examples:\n  deliverous top\n  deliverous top web --once\n  deliverous top --json")]
     Top(cli::TopArgs),
     /// Tokens for the remote API (daemon flag --api-listen): create, ls, rm.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  deliverous token create --name ci\n  deliverous token ls --json")]
     Token(cli::TokenCommand),
-    /// Registry credentials: login, logout.
-    #[command(subcommand)]
+    /// Registry credentials: login, ls, logout.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  deliverous registry login ghcr.io -u octocat\n  deliverous registry logout ghcr.io"
+    )]
     Registry(cli::RegistryCommand),
     /// Run the daemon (API, supervisor, proxy).
+    #[command(after_help = "Examples:\n  sudo deliverous daemon\n  \
+        sudo deliverous daemon --api-listen 0.0.0.0:7443 --api-tls-cert cert.pem --api-tls-key key.pem")]
     Daemon(daemon::DaemonArgs),
     /// Run the reverse proxy alone, with a route table from a file (re-read on SIGHUP).
+    #[command(after_help = "Example:\n  deliverous proxy --routes routes.json --listen 127.0.0.1:8080")]
     Proxy(proxy::cli::StandaloneArgs),
     /// Install the binary and the systemd units, and enable them (or remove them: --uninstall).
     #[command(after_help = "Examples:\n  sudo deliverous install\n  deliverous install --root ./pkgroot   \

@@ -91,34 +91,42 @@ fn schemathesis_finds_no_server_error_and_responses_match_the_document() {
     assert_eq!(served, file, "GET /v1/openapi.json is not src/api/openapi.json");
 
     let work = tempfile::Builder::new().prefix("dlv-test-schemathesis-").tempdir().expect("temp dir");
-    let schema = work.path().join("openapi.json");
-    std::fs::write(&schema, without_follow(&file)).expect("write the document");
+    std::fs::write(work.path().join("openapi.json"), without_follow(&file)).expect("write the document");
     // A registry that cannot be reached (here: any but the test's) is a 502, as documented:
     // the daemon's answer, not its failure.
     let config = work.path().join("schemathesis.toml");
     std::fs::write(
         &config,
         "[[operations]]\n\
-         include-operation-id-regex = \"^(pullImage|startApp|configApp)$\"\n\
+         include-operation-id-regex = \"^(pullImage|startApp|configApp|deployApp)$\"\n\
          checks.not_a_server_error.expected-statuses = [\"2xx\", \"3xx\", \"4xx\", \"502\"]\n",
     )
     .expect("write the schemathesis config");
+    run_schemathesis(&bin, &daemon, work.path(), &config, port, &token, &[]);
+    // The daemon is still there, and answers.
+    daemon.cli_ok(&["app", "ls"]);
+}
+
+/// Runs schemathesis on `work/openapi.json` against the daemon's TCP API; fails the test with
+/// its report (and the daemon's log) unless it passes.
+fn run_schemathesis(bin: &Path, daemon: &Daemon, work: &Path, config: &Path, port: u16, token: &str, extra: &[&str]) {
     let started = Instant::now();
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("--config-file")
-        .arg(&config)
+        .arg(config)
         .arg("run")
-        .arg(&schema)
+        .arg(work.join("openapi.json"))
         .args(["--url", &format!("http://127.0.0.1:{port}")])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .args(["--checks", "not_a_server_error,response_schema_conformance,content_type_conformance"])
         .args(["--max-examples", "100", "--seed", "7", "--workers", "1", "--request-timeout", "60"])
         .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--suppress-health-check", "all", "--no-color"])
+        .args(extra)
         // More flags when investigating, e.g. `--include-path /v1/apps/{name}/logs`.
         .args(std::env::var("DLV_SCHEMATHESIS_ARGS").unwrap_or_default().split_whitespace())
-        .current_dir(work.path())
-        .env("HOME", work.path())
+        .current_dir(work)
+        .env("HOME", work)
         .env("SCHEMATHESIS_TELEMETRY", "false");
     let out = run_with_timeout(&mut cmd, Duration::from_secs(600)).expect("run schemathesis");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -132,8 +140,78 @@ fn schemathesis_finds_no_server_error_and_responses_match_the_document() {
     eprintln!(
         "schemathesis passed in {:?}:\n{}",
         started.elapsed(),
-        stdout.lines().rev().take(8).collect::<Vec<_>>().join("\n")
+        stdout.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     );
-    // The daemon is still there, and answers.
-    daemon.cli_ok(&["app", "ls"]);
+}
+
+/// The document with `example` set on every `name` path parameter: the examples phase then
+/// asks about that app, which exists, and its real answers are checked against the schemas.
+fn with_app_examples(doc: &str, app: &str) -> String {
+    let mut doc: Value = serde_json::from_str(doc).expect("the document is JSON");
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            if !path.starts_with("/v1/apps/{name}") {
+                continue;
+            }
+            for p in item["parameters"].as_array_mut().into_iter().flatten() {
+                if p["name"] == "name" {
+                    p["example"] = Value::String(app.to_string());
+                }
+            }
+        }
+    }
+    doc.to_string()
+}
+
+/// Read-only operations against an app with real instances, a deploy behind it and an exit
+/// the supervisor recovered from: the answers (instances with health, restarts and last exit,
+/// the last deploy, revisions, events of every kind so far) match the document. Only `GET`s:
+/// generated changes to a running app would start real work (up to 1000 instances).
+#[test]
+fn answers_about_a_running_app_match_the_document() {
+    let bin = schemathesis();
+    let registry = Registry::start();
+    let image = common::push_testapp(&registry, "demo/testapp:1");
+    let port = free_port();
+    let daemon = Daemon::start_with_args(&registry, &["--api-listen", &format!("127.0.0.1:{port}"), "--api-insecure"]);
+    let token = daemon.cli_ok(&["token", "create", "--name", "schemathesis"]).trim().to_string();
+    daemon.cli_ok(&[
+        "app",
+        "create",
+        "web",
+        "--image",
+        &image.reference,
+        "--port",
+        "8080",
+        "--instances",
+        "2",
+        "--health",
+        "/health",
+        "--stop-timeout",
+        "5",
+        "--restart",
+        "on-failure",
+    ]);
+    daemon.cli_ok(&["app", "start", "web"]);
+    daemon.cli_ok(&["app", "deploy", "web", "-e", "MODE=two"]);
+    // One instance exits on its own with code 3; the policy replaces it.
+    let (status, _) = common::http_get(daemon.proxy_addr(), "web.localhost", "/exit?code=3");
+    assert_eq!(status, 200);
+    let recovered = common::wait_until(Duration::from_secs(60), || {
+        let app = daemon.cli_json(&["app", "show", "web", "--json"]);
+        let running = app["instances"].as_array().map_or(0, |i| i.iter().filter(|i| i["state"] == "running").count());
+        app["restarts"]["count"].as_u64() >= Some(1) && running == 2
+    });
+    assert!(recovered, "the exited instance was not replaced: {}", daemon.cli_ok(&["app", "show", "web"]));
+    let shown = daemon.cli_json(&["app", "show", "web", "--json"]);
+    assert!(shown["last_deploy"].is_object() && shown["restarts"]["last_exit_reason"]["code"] == 3, "{shown}");
+
+    let work = tempfile::Builder::new().prefix("dlv-test-schemathesis-").tempdir().expect("temp dir");
+    let file = std::fs::read_to_string(common::workspace_root().join("src/api/openapi.json")).expect("read document");
+    std::fs::write(work.path().join("openapi.json"), with_app_examples(&without_follow(&file), "web"))
+        .expect("write the document");
+    let config = work.path().join("schemathesis.toml");
+    std::fs::write(&config, "").expect("write the schemathesis config");
+    run_schemathesis(&bin, &daemon, work.path(), &config, port, &token, &["--include-method", "GET"]);
+    daemon.cli_ok(&["app", "rm", "web"]);
 }

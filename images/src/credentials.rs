@@ -288,6 +288,22 @@ pub fn store_credentials(file: &Path, host: &str, username: &str, secret: &str) 
     })
 }
 
+/// The registries `file` holds credentials for, each with its user name (never the secret),
+/// sorted by host (`deliverous registry ls`). A missing file holds none; entries without a
+/// secret (a credential helper's) are left out.
+pub fn list_credentials(file: &Path) -> Result<Vec<(String, String)>, Error> {
+    let Some(document) = read_document(file)? else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for (key, entry) in auths_of(&document, file)? {
+        if let Some(credential) = parse_entry(key, entry, file)? {
+            out.push((normalize_host(key), credential.username));
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    Ok(out)
+}
+
 /// Removes every entry for `host` from `file` (`deliverous registry logout`). Returns whether
 /// there was one; the file is only rewritten then.
 pub fn remove_credentials(file: &Path, host: &str) -> Result<bool, Error> {

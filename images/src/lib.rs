@@ -28,8 +28,8 @@ mod store;
 pub mod unpack;
 
 pub use credentials::{
-    check_login, remove_credentials, store_credentials, Credential, CredentialFiles, LoginCheck, Secret,
-    DEFAULT_AUTH_FILE,
+    check_login, list_credentials, remove_credentials, store_credentials, Credential, CredentialFiles, LoginCheck,
+    Secret, DEFAULT_AUTH_FILE,
 };
 pub use error::Error;
 pub use reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};

@@ -158,7 +158,13 @@ pub async fn run(
     if body.user.is_some() || body.workdir.is_some() {
         return Err(ApiError::bad_request("run takes neither user nor workdir: the app's image decides them"));
     }
-    super::find(&sup, &name)?;
+    if super::find(&sup, &name)?.revision.is_none() {
+        // Nothing to run yet: the operator's to fix, not the daemon's failure.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("app {name} has no revision yet: start or deploy it first (`deliverous app start {name}`)"),
+        ));
+    }
     let session = sup.run_session(&name, &options(&body)).await?;
     Ok(switch(on_upgrade, session, (body.rows, body.cols)))
 }

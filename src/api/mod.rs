@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 pub mod openapi;
 pub mod remote;
 pub mod stats;
+mod stop_timeout;
 mod tokens;
 
 use crate::apps::{self, format_bytes, parse_bytes, App, AppSpec, MAX_INSTANCES};
@@ -112,8 +113,9 @@ pub struct CreateApp {
     pub cpu_weight: Option<u32>,
     #[serde(default)]
     pub pids: Option<u32>,
-    #[serde(default)]
-    pub stop_timeout: Option<u32>,
+    /// `0`, `"default"` or `null`: the daemon's default.
+    #[serde(default, deserialize_with = "stop_timeout::field")]
+    pub stop_timeout: Option<Option<u32>>,
     #[serde(default)]
     pub volumes: Vec<String>,
     #[serde(default)]
@@ -227,7 +229,8 @@ impl RoutingPatch {
 }
 
 /// A change of configuration: only the fields present change. `env` values of `null` unset the
-/// variable; `memory` `0`/`"none"` and `cpus` `0` remove the limit, `pids` `0` restores the default.
+/// variable; `memory` `0`/`"none"` and `cpus` `0` remove the limit, `pids` `0` restores the default,
+/// `stop_timeout` `0`/`"default"`/`null` too.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
@@ -239,7 +242,9 @@ pub struct ConfigPatch {
     pub cpus: Option<f64>,
     pub pids: Option<u32>,
     pub cpu_weight: Option<u32>,
-    pub stop_timeout: Option<u32>,
+    /// `0`, `"default"` or `null` go back to the daemon's default; absent leaves it.
+    #[serde(default, deserialize_with = "stop_timeout::field")]
+    pub stop_timeout: Option<Option<u32>>,
     /// Replaces the list of volumes (`[]` clears it).
     pub volumes: Option<Vec<String>>,
     /// Replaces the list of added capabilities (`[]` clears it).
@@ -501,7 +506,7 @@ async fn create_app(
         cpus: req.cpus.filter(|c| *c != 0.0),
         pids: req.pids.filter(|p| *p != 0),
         cpu_weight: req.cpu_weight.filter(|w| *w != 0),
-        stop_timeout: req.stop_timeout,
+        stop_timeout: req.stop_timeout.flatten(),
         volumes: req.volumes,
         cap_add: normalize_caps(req.cap_add)?,
         cap_drop: normalize_caps(req.cap_drop)?,
@@ -665,7 +670,7 @@ fn patched(sup: &Supervisor, name: &str, base: &AppSpec, patch: ConfigPatch) -> 
         spec.cpu_weight = (w != 0).then_some(w);
     }
     if let Some(t) = patch.stop_timeout {
-        spec.stop_timeout = Some(t);
+        spec.stop_timeout = t;
     }
     if let Some(volumes) = patch.volumes {
         spec.volumes = volumes;

@@ -311,7 +311,8 @@ impl AppFile {
             cpus: self.cpus.filter(|c| *c != 0.0),
             cpu_weight: self.cpu_weight.filter(|w| *w != 0),
             pids: self.pids.filter(|p| *p != 0),
-            stop_timeout: self.stop_timeout,
+            // 0 is the daemon's default, as on the command line.
+            stop_timeout: self.stop_timeout.filter(|t| *t != 0),
             volumes: self.volumes.clone(),
             cap_add: caps(&self.cap_add)?,
             cap_drop: caps(&self.cap_drop)?,
@@ -562,7 +563,8 @@ impl View {
             cpus: self.cpus,
             pids: Some(self.pids),
             cpu_weight: Some(self.cpu_weight),
-            stop_timeout: self.stop_timeout,
+            // 0 is the daemon's default, as on the command line.
+            stop_timeout: self.stop_timeout.filter(|t| *t != 0),
             volumes: self.volumes.clone(),
             cap_add: self.cap_add.clone(),
             cap_drop: self.cap_drop.clone(),
@@ -757,10 +759,8 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
         b.cpu_weight.unwrap_or(DEFAULT_CPU_WEIGHT).to_string(),
     );
     out.set("pids", a.pids.unwrap_or(DEFAULT_PIDS).to_string(), b.pids.unwrap_or(DEFAULT_PIDS).to_string());
-    // The API cannot bring a stop timeout back to the daemon's default: see `warnings`.
-    if let Some(t) = b.stop_timeout {
-        out.set("stop_timeout", a.stop_timeout.map_or("default".into(), |t| format!("{t}s")), format!("{t}s"));
-    }
+    let stop_timeout = |t: Option<u32>| t.filter(|t| *t != 0).map_or("default".into(), |t| format!("{t}s"));
+    out.set("stop_timeout", stop_timeout(a.stop_timeout), stop_timeout(b.stop_timeout));
     out.set("restart", a.restart.to_string(), b.restart.to_string());
     out.set("userns", a.userns.to_string(), b.userns.to_string());
     out.items("volume", &a.volumes, &b.volumes);
@@ -820,14 +820,10 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
     out.list
 }
 
-/// What the file asks and the API cannot do; said, not silently skipped.
-fn warnings(current: &Declared, desired: &Declared) -> Vec<String> {
-    match (current.spec.stop_timeout, desired.spec.stop_timeout) {
-        (Some(t), None) => vec![format!(
-            "stop_timeout stays {t}s: the daemon cannot go back to its default; set stop_timeout to change it"
-        )],
-        _ => Vec::new(),
-    }
+/// What the file asks and the API cannot do; said, not silently skipped. (Nothing at the
+/// moment: a stop timeout, once the one exception, goes back to the default with `"default"`.)
+fn warnings(_current: &Declared, _desired: &Declared) -> Vec<String> {
+    Vec::new()
 }
 
 /// The `routing` object of a create or config request: what differs from `a` in `b`.
@@ -904,8 +900,8 @@ fn config_patch(current: &AppSpec, desired: &AppSpec) -> Option<Value> {
     if a.pids != b.pids {
         p.insert("pids".into(), json!(b.pids.unwrap_or(0)));
     }
-    if let Some(t) = b.stop_timeout.filter(|t| a.stop_timeout != Some(*t)) {
-        p.insert("stop_timeout".into(), json!(t));
+    if a.stop_timeout.filter(|t| *t != 0) != b.stop_timeout.filter(|t| *t != 0) {
+        p.insert("stop_timeout".into(), b.stop_timeout.filter(|t| *t != 0).map_or(json!("default"), |t| json!(t)));
     }
     if a.restart != b.restart {
         p.insert("restart".into(), json!(b.restart));
@@ -1214,7 +1210,7 @@ async fn run_steps(host: &Host, p: &AppPlan) -> Result<Option<Value>, CallError>
 }
 
 /// `deliverous app export NAME... | --all`: a file `apply` takes back as "up to date".
-pub async fn run_export(host: &Host, names: Vec<String>, all: bool) -> ExitCode {
+pub async fn run_export(host: &Host, names: Vec<String>, all: bool, json: bool) -> ExitCode {
     let views = if all {
         call(host, Method::GET, "/v1/apps", None).await.and_then(|v| serde_json::from_value(v).map_err(unexpected))
     } else {
@@ -1234,6 +1230,10 @@ pub async fn run_export(host: &Host, names: Vec<String>, all: bool) -> ExitCode 
         Ok(v) => v,
         Err(e) => return super::fail(e),
     };
+    if json {
+        super::print_json(&json!({"apps": export_apps(&views)}));
+        return ExitCode::SUCCESS;
+    }
     match export_text(&views) {
         Ok(text) => {
             print!("{text}");
@@ -1246,13 +1246,17 @@ pub async fn run_export(host: &Host, names: Vec<String>, all: bool) -> ExitCode 
     }
 }
 
+/// Each app as its `[apps.NAME]` table of the apply file.
+fn export_apps(views: &[View]) -> BTreeMap<String, AppFile> {
+    views.iter().map(|v| (v.name.clone(), AppFile::of(&v.declared()))).collect()
+}
+
 fn export_text(views: &[View]) -> Result<String, toml::ser::Error> {
     #[derive(Serialize)]
     struct File {
         apps: BTreeMap<String, AppFile>,
     }
-    let apps = views.iter().map(|v| (v.name.clone(), AppFile::of(&v.declared()))).collect();
-    let body = toml::to_string(&File { apps })?;
+    let body = toml::to_string(&File { apps: export_apps(views) })?;
     Ok(format!("# Written by `deliverous app export`; apply with `deliverous apply -f FILE`.\n\n{body}"))
 }
 
@@ -1403,10 +1407,19 @@ tcp = [6379, "16379:6380"]
         assert_eq!(patch["routing"]["read_timeout_ms"], 60_000);
         assert_eq!(patch["routing"]["tcp"], json!([]));
         assert!(lines(&before, after).contains(&"proxy read_timeout: 2m → 1m".to_string()));
-        // Except a stop timeout, which the API cannot unset: said, and left alone.
+        // A stop timeout too: back to the daemon's default.
         let timed = Declared { spec: AppSpec { stop_timeout: Some(30), ..after.spec.clone() }, ..after.clone() };
-        assert!(warnings(&as_daemon_shows(&timed), after)[0].contains("stop_timeout stays 30s"));
-        assert_eq!(update_steps(&as_daemon_shows(&timed), after), vec![]);
+        assert!(warnings(&as_daemon_shows(&timed), after).is_empty());
+        let patch = config_patch(&as_daemon_shows(&timed).spec, &after.spec).expect("a patch");
+        assert_eq!(patch["stop_timeout"], "default");
+        let said = lines(&as_daemon_shows(&timed), after);
+        assert!(
+            said.iter().any(|l| l.contains("stop_timeout") && l.contains("30s") && l.contains("default")),
+            "{said:?}"
+        );
+        // 0 in the file is the default as well: nothing to change.
+        let zero = Declared { spec: AppSpec { stop_timeout: Some(0), ..after.spec.clone() }, ..after.clone() };
+        assert!(config_patch(&after.spec, &zero.spec).is_none_or(|p| p.get("stop_timeout").is_none()));
     }
 
     #[test]
@@ -1463,7 +1476,7 @@ tcp = [6379, "16379:6380"]
         web.spec.memory = Some(100_000_000);
         web.spec.routing.max_body = Some(1_000_001);
         web.spec.routing.balance = Balance::RoundRobin;
-        web.spec.stop_timeout = Some(0);
+        web.spec.stop_timeout = Some(45);
         web.spec.cap_add = vec!["CAP_NET_ADMIN".into()];
         web.spec.restart = RestartPolicy::OnFailure;
         web.running = false;

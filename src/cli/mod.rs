@@ -30,7 +30,8 @@ pub use top::{run_top, TopArgs};
 pub enum AppCommand {
     /// Declare an app from an image.
     #[command(
-        after_help = "Example:\n  deliverous app create web --image registry.example.com/shop/web:1.4 --port 8080 -e MODE=prod --memory 256M"
+        after_help = "Examples:\n  deliverous app create web --image registry.example.com/shop/web:1.4 --port 8080 -e MODE=prod --memory 256M\n  \
+            deliverous app create worker --image registry.example.com/shop/worker:1.4 --port 9000 --restart on-failure --json"
     )]
     Create {
         name: String,
@@ -44,10 +45,14 @@ pub enum AppCommand {
         /// Instances to run once started.
         #[arg(long, allow_negative_numbers = true)]
         instances: Option<i64>,
+        /// Print the created app as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Change an app's configuration; a running app rolls to a new revision.
     #[command(
-        after_help = "Example:\n  deliverous app config web -e GREETING=hello --memory 128M --cpus 0.5 --port 8080"
+        after_help = "Examples:\n  deliverous app config web -e GREETING=hello --memory 128M --cpus 0.5 --port 8080\n  \
+            deliverous app config web --unset GREETING --stop-timeout default --json"
     )]
     Config {
         name: String,
@@ -63,6 +68,9 @@ pub enum AppCommand {
         /// Stop routing a host name to the app.
         #[arg(long = "remove-domain", value_name = "DOMAIN")]
         remove_domains: Vec<String>,
+        /// Print the changed app as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Roll out a new revision (a config change that always rolls out, pulling the image
     /// again) and wait for the outcome: non-zero exit if it was rolled back.
@@ -83,46 +91,81 @@ pub enum AppCommand {
         /// Stop routing a host name to the app.
         #[arg(long = "remove-domain", value_name = "DOMAIN")]
         remove_domains: Vec<String>,
+        /// Print the outcome (revision, previous revision, app) as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Go back to the previous revision, or to a given kept one (`app history` lists them).
+    #[command(after_help = "Examples:\n  deliverous app rollback web\n  deliverous app rollback web --to 3 --json")]
     Rollback {
         name: String,
         /// The revision number to go back to.
         #[arg(long)]
         to: Option<u32>,
+        /// Print the outcome (revision, previous revision, app) as JSON.
         #[arg(long)]
         json: bool,
     },
     /// The app's kept revisions: image, what changed, how each deploy ended.
+    #[command(after_help = "Examples:\n  deliverous app history web\n  deliverous app history web --json")]
     History {
         name: String,
+        /// Print the revisions as a JSON array, newest first.
         #[arg(long)]
         json: bool,
     },
     /// Pull the image if needed and start the app's instances.
-    Start { name: String },
+    #[command(after_help = "Examples:\n  deliverous app start web\n  deliverous app start web --json")]
+    Start {
+        name: String,
+        /// Print the app as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop every instance; the app stays declared.
-    Stop { name: String },
+    #[command(after_help = "Examples:\n  deliverous app stop web\n  deliverous app stop web --json")]
+    Stop {
+        name: String,
+        /// Print the app as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the number of instances (0 to 1000).
-    #[command(allow_negative_numbers = true)]
-    Scale { name: String, instances: i64 },
+    #[command(
+        allow_negative_numbers = true,
+        after_help = "Examples:\n  deliverous app scale web 3\n  deliverous app scale web 0   # keep the app, run nothing"
+    )]
+    Scale {
+        name: String,
+        instances: i64,
+        /// Print the app as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop and delete an app.
+    #[command(after_help = "Example:\n  deliverous app rm web")]
     Rm { name: String },
     /// List apps.
+    #[command(after_help = "Examples:\n  deliverous app ls\n  deliverous app ls --json | jq -r '.[].name'")]
     Ls {
+        /// Print the apps as a JSON array (the same objects as `app show --json`).
         #[arg(long)]
         json: bool,
     },
     /// An app's configuration, revision and instances.
+    #[command(
+        after_help = "Examples:\n  deliverous app show web\n  deliverous app show web --json | jq '.instances[].health'"
+    )]
     Show {
         name: String,
+        /// Print the app as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print apps as a file `deliverous apply -f` takes back.
-    #[command(after_help = "Example:\n  deliverous app export --all > deliverous.toml")]
+    #[command(
+        after_help = "Examples:\n  deliverous app export --all > deliverous.toml\n  deliverous app export web --json"
+    )]
     Export {
         /// The apps to print.
         #[arg(required_unless_present = "all")]
@@ -130,6 +173,9 @@ pub enum AppCommand {
         /// Every app.
         #[arg(long, conflicts_with = "names")]
         all: bool,
+        /// The same content as JSON: {"apps": {NAME: {...}}}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -154,8 +200,9 @@ pub struct Settings {
     /// Most processes and threads per instance (default 4096; 0 restores the default).
     #[arg(long)]
     pids: Option<u32>,
-    /// Seconds between the stop signal and SIGKILL (default: the daemon's --stop-timeout, 10).
-    #[arg(long = "stop-timeout", value_name = "SECONDS")]
+    /// Seconds between the stop signal and SIGKILL; "default" (or 0) is the daemon's
+    /// --stop-timeout, 10 unless set.
+    #[arg(long = "stop-timeout", value_name = "SECONDS|default", value_parser = stop_timeout)]
     stop_timeout: Option<u32>,
     /// Capability to add to the default set, e.g. NET_ADMIN (repeatable; "none" clears the list).
     #[arg(long = "cap-add", value_name = "CAP")]
@@ -239,16 +286,31 @@ fn duration_ms(text: &str) -> Result<u64, String> {
     crate::apps::parse_duration_ms(text)
 }
 
+/// `--stop-timeout`: seconds, with `default` (sent as 0) for the daemon's own.
+fn stop_timeout(text: &str) -> Result<u32, String> {
+    if text.eq_ignore_ascii_case("default") {
+        return Ok(0);
+    }
+    text.trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("invalid stop timeout {text:?}: expected seconds (e.g. 30) or \"default\""))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Pull an image from its registry.
+    #[command(after_help = "Examples:\n  deliverous image pull registry.example.com/shop/web:1.4\n  \
+        deliverous image pull docker.io/library/nginx:1.27 --json")]
     Pull {
         reference: String,
+        /// No progress; print the pulled image as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List local images, with the apps whose revisions use them.
+    #[command(after_help = "Examples:\n  deliverous image ls\n  deliverous image ls --json")]
     Ls {
+        /// Print the images as a JSON array.
         #[arg(long)]
         json: bool,
     },
@@ -261,13 +323,26 @@ pub enum ImageCommand {
         /// Name for the image when the archive names none (or to override its name).
         #[arg(long)]
         name: Option<String>,
+        /// Print the imported images as a JSON array.
         #[arg(long)]
         json: bool,
     },
     /// Remove a local image (refused while an app's current or kept revision uses it).
-    Rm { reference: String },
+    #[command(after_help = "Examples:\n  deliverous image rm registry.example.com/shop/web:1.3\n  \
+        deliverous image rm registry.example.com/shop/web:1.3 --json")]
+    Rm {
+        reference: String,
+        /// Print what was removed and freed as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove layers and blobs no local image uses.
-    Prune,
+    #[command(after_help = "Examples:\n  deliverous image prune\n  deliverous image prune --json")]
+    Prune {
+        /// Print what was freed as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -340,11 +415,14 @@ fn percent_encode(text: &str) -> String {
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// List named volumes: size, apps using them.
+    #[command(after_help = "Examples:\n  deliverous volume ls\n  deliverous volume ls --json")]
     Ls {
+        /// Print the volumes as a JSON array.
         #[arg(long)]
         json: bool,
     },
     /// Delete a named volume and its data (refused while an app's configuration mounts it).
+    #[command(after_help = "Example:\n  deliverous volume rm web-data")]
     Rm { name: String },
 }
 
@@ -410,7 +488,7 @@ fn parse_env(pairs: &[String]) -> Result<Map<String, Value>, String> {
 
 pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
     let result = match cmd {
-        AppCommand::Create { name, image, port, settings, instances } => {
+        AppCommand::Create { name, image, port, settings, instances, json } => {
             let env = match parse_env(&settings.env) {
                 Ok(e) => e,
                 Err(m) => return usage(m),
@@ -430,6 +508,9 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                 body["instances"] = json!(n);
             }
             call(host, Method::POST, "/v1/apps", Some(body)).await.map(|app| {
+                if json {
+                    return print_json(&app);
+                }
                 println!(
                     "created app {} ({}), not started: `deliverous app start {}`",
                     name,
@@ -438,7 +519,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                 );
             })
         }
-        AppCommand::Config { name, image, port, settings, unset, remove_domains } => {
+        AppCommand::Config { name, image, port, settings, unset, remove_domains, json } => {
             let mut env = match parse_env(&settings.env) {
                 Ok(e) => e,
                 Err(m) => return usage(m),
@@ -463,7 +544,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                 body["pids"] = json!(p);
             }
             add_settings(&mut body, &settings);
-            call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| summary(&app))
+            call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| app_out(&app, json))
         }
         AppCommand::Deploy { name, image, port, settings, unset, remove_domains, json } => {
             let mut env = match parse_env(&settings.env) {
@@ -496,16 +577,16 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
         }
         AppCommand::Rollback { name, to, json } => deploys::rollback(host, &name, to, json).await,
         AppCommand::History { name, json } => deploys::history(host, &name, json).await,
-        AppCommand::Start { name } => {
-            call(host, Method::POST, &format!("/v1/apps/{name}/start"), None).await.map(|app| summary(&app))
+        AppCommand::Start { name, json } => {
+            call(host, Method::POST, &format!("/v1/apps/{name}/start"), None).await.map(|app| app_out(&app, json))
         }
-        AppCommand::Stop { name } => {
-            call(host, Method::POST, &format!("/v1/apps/{name}/stop"), None).await.map(|app| summary(&app))
+        AppCommand::Stop { name, json } => {
+            call(host, Method::POST, &format!("/v1/apps/{name}/stop"), None).await.map(|app| app_out(&app, json))
         }
-        AppCommand::Scale { name, instances } => {
+        AppCommand::Scale { name, instances, json } => {
             call(host, Method::PUT, &format!("/v1/apps/{name}/scale"), Some(json!({"instances": instances})))
                 .await
-                .map(|app| summary(&app))
+                .map(|app| app_out(&app, json))
         }
         AppCommand::Rm { name } => {
             call(host, Method::DELETE, &format!("/v1/apps/{name}"), None).await.map(|_| println!("removed app {name}"))
@@ -541,7 +622,7 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
                 table(&["NAME", "STATE", "INSTANCES", "IMAGE", "PORT", "HOSTS"], rows);
             }
         }),
-        AppCommand::Export { names, all } => return apply::run_export(host, names, all).await,
+        AppCommand::Export { names, all, json } => return apply::run_export(host, names, all, json).await,
         AppCommand::Show { name, json } => {
             match call(host, Method::GET, &format!("/v1/apps/{name}"), None).await {
                 Ok(app) if json => {
@@ -617,14 +698,22 @@ pub async fn run_image(host: &Host, cmd: ImageCommand) -> ExitCode {
                 }
             })
         }
-        ImageCommand::Rm { reference } => {
+        ImageCommand::Rm { reference, json } => {
             call(host, Method::POST, "/v1/images/rm", Some(json!({"reference": reference}))).await.map(|r| {
-                println!("removed {}; {}", s(&r["removed"]), pruned(&r["pruned"]));
+                if json {
+                    print_json(&r);
+                } else {
+                    println!("removed {}; {}", s(&r["removed"]), pruned(&r["pruned"]));
+                }
             })
         }
-        ImageCommand::Prune => {
-            call(host, Method::POST, "/v1/images/prune", None).await.map(|r| println!("{}", pruned(&r)))
-        }
+        ImageCommand::Prune { json } => call(host, Method::POST, "/v1/images/prune", None).await.map(|r| {
+            if json {
+                print_json(&r);
+            } else {
+                println!("{}", pruned(&r));
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -642,6 +731,15 @@ fn s(v: &Value) -> String {
 
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+/// An app the daemon answered with: as JSON, or its one-line summary.
+fn app_out(app: &Value, json: bool) {
+    if json {
+        print_json(app);
+    } else {
+        summary(app);
+    }
 }
 
 fn summary(app: &Value) {
@@ -845,8 +943,9 @@ fn show(app: &Value, usage: &Value) {
         ),
         ("restarts", restarts_summary(&app["restarts"])),
     ];
+    let width = lines.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     for (k, v) in lines {
-        println!("{:<10} {v}", format!("{k}:"));
+        println!("{:<width$} {v}", format!("{k}:"));
     }
     let mut rows: Vec<(u64, Vec<String>)> = app["instances"]
         .as_array()

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use deliverous_images::{check_login, remove_credentials, store_credentials, LoginCheck, DEFAULT_AUTH_FILE};
+use deliverous_images::{
+    check_login, list_credentials, remove_credentials, store_credentials, LoginCheck, DEFAULT_AUTH_FILE,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
@@ -31,7 +33,17 @@ pub enum RegistryCommand {
         #[arg(long, env = "DELIVEROUS_AUTH_FILE", default_value = DEFAULT_AUTH_FILE)]
         auth_file: PathBuf,
     },
+    /// The registries credentials are saved for, with their user names (never the secrets).
+    #[command(after_help = "Examples:\n  deliverous registry ls\n  deliverous registry ls --json")]
+    Ls {
+        /// Print them as a JSON array of {host, username}.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "DELIVEROUS_AUTH_FILE", default_value = DEFAULT_AUTH_FILE)]
+        auth_file: PathBuf,
+    },
     /// Forget the credentials saved for a registry.
+    #[command(after_help = "Example:\n  deliverous registry logout ghcr.io")]
     Logout {
         host: String,
         #[arg(long, env = "DELIVEROUS_AUTH_FILE", default_value = DEFAULT_AUTH_FILE)]
@@ -44,6 +56,20 @@ pub async fn run_registry(cmd: RegistryCommand) -> ExitCode {
         RegistryCommand::Login { host, username, password_stdin, insecure, auth_file } => {
             login(&host, username, password_stdin, insecure, &auth_file).await
         }
+        RegistryCommand::Ls { json, auth_file } => match list_credentials(&auth_file) {
+            Ok(entries) if json => {
+                let list: Vec<_> =
+                    entries.iter().map(|(host, user)| serde_json::json!({"host": host, "username": user})).collect();
+                super::print_json(&serde_json::Value::from(list));
+                ExitCode::SUCCESS
+            }
+            Ok(entries) => {
+                let rows = entries.into_iter().map(|(host, user)| vec![host, user]).collect();
+                super::table(&["REGISTRY", "USERNAME"], rows);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        },
         RegistryCommand::Logout { host, auth_file } => match remove_credentials(&auth_file, &host) {
             Ok(true) => {
                 println!("removed the credentials for {host} from {}", auth_file.display());

@@ -27,11 +27,13 @@ pub enum TokenCommand {
         json: bool,
     },
     /// List tokens: name, created, expires, last used.
+    #[command(after_help = "Examples:\n  deliverous token ls\n  deliverous token ls --json")]
     Ls {
         #[arg(long)]
         json: bool,
     },
     /// Remove a token: requests carrying it are refused from now on.
+    #[command(after_help = "Example:\n  deliverous token rm ci")]
     Rm { name: String },
 }
 
