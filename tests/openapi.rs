@@ -17,6 +17,9 @@ const SCHEMATHESIS_VERSION: &str = "4.32.5";
 
 /// `schemathesis` of a venv under the target dir, installed on first use.
 fn schemathesis() -> PathBuf {
+    // The tests of this file run in parallel: one installs, the others wait for it.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("schemathesis-{SCHEMATHESIS_VERSION}"));
     let bin = venv.join("bin/schemathesis");
     // Written last: a venv without it is an interrupted install, made again.
