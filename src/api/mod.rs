@@ -156,6 +156,8 @@ pub struct RoutingPatch {
     /// `0` / `"none"` removes the limit.
     pub max_body: Option<Size>,
     pub strip_prefix: Option<bool>,
+    /// Replay a non-idempotent request whose instance died before answering (it may run twice).
+    pub retry_non_idempotent: Option<bool>,
     pub drain_timeout_ms: Option<u64>,
     /// Replaces the published TCP ports (`["6379", "16379:6379"]`; `[]` clears them).
     pub tcp: Option<Vec<String>>,
@@ -216,6 +218,9 @@ impl RoutingPatch {
         }
         if let Some(s) = self.strip_prefix {
             r.strip_prefix = s;
+        }
+        if let Some(r2) = self.retry_non_idempotent {
+            r.retry_non_idempotent = r2;
         }
         if let Some(ports) = self.tcp {
             r.tcp = ports

@@ -139,6 +139,10 @@ pub struct Routing {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body: Option<u64>,
     pub strip_prefix: bool,
+    /// Replay a POST/PATCH whose instance died before answering, even if the app may have read
+    /// it (off by default: it may then run twice).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry_non_idempotent: bool,
     /// How long a leaving instance may finish its requests before it is signalled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_timeout_ms: Option<u64>,
@@ -168,6 +172,7 @@ impl Routing {
             max_body: self.max_body,
             retries: d.retries,
             strip_prefix: self.strip_prefix,
+            retry_non_idempotent: self.retry_non_idempotent,
             health: self.health.clone(),
         }
     }

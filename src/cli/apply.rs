@@ -146,6 +146,8 @@ struct ProxyFile {
     max_body: Option<Size>,
     #[serde(default, skip_serializing_if = "is_false")]
     strip_prefix: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    retry_non_idempotent: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     tcp: Vec<Port>,
 }
@@ -372,6 +374,7 @@ impl AppFile {
             total_timeout_ms: p.total_timeout.map(|m| m.0),
             max_body: p.max_body.map(|s| s.0).filter(|b| *b > 0),
             strip_prefix: p.strip_prefix,
+            retry_non_idempotent: p.retry_non_idempotent,
             drain_timeout_ms: p.drain_timeout.map(|m| m.0),
             tcp: p.tcp.iter().map(|p| p.0).collect(),
         })
@@ -402,6 +405,7 @@ impl AppFile {
             drain_timeout: r.drain_timeout_ms.map(Millis),
             max_body: r.max_body.map(Size),
             strip_prefix: r.strip_prefix,
+            retry_non_idempotent: r.retry_non_idempotent,
             tcp: r.tcp.iter().copied().map(Port).collect(),
         };
         AppFile {
@@ -789,6 +793,7 @@ fn changes(current: Option<&Declared>, desired: &Declared) -> Vec<Change> {
     }
     out.set("proxy max_body", size_or_none(ra.max_body), size_or_none(rb.max_body));
     out.set("proxy strip_prefix", ra.strip_prefix.to_string(), rb.strip_prefix.to_string());
+    out.set("proxy retry_non_idempotent", ra.retry_non_idempotent.to_string(), rb.retry_non_idempotent.to_string());
     let ports = |r: &Routing| r.tcp.iter().map(port_text).collect::<Vec<_>>();
     out.items("proxy tcp", &ports(ra), &ports(rb));
     let (oa, ob) = (&a.rollout, &b.rollout);
@@ -858,6 +863,9 @@ fn routing_patch(a: &Routing, b: &Routing) -> Map<String, Value> {
     }
     if a.strip_prefix != b.strip_prefix {
         p.insert("strip_prefix".into(), json!(b.strip_prefix));
+    }
+    if a.retry_non_idempotent != b.retry_non_idempotent {
+        p.insert("retry_non_idempotent".into(), json!(b.retry_non_idempotent));
     }
     if a.tcp != b.tcp {
         p.insert("tcp".into(), json!(b.tcp.iter().map(port_text).collect::<Vec<_>>()));

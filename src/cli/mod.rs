@@ -263,6 +263,11 @@ pub struct Settings {
     /// Remove the domain's path prefix before forwarding (example.com/api/x → /x).
     #[arg(long = "strip-prefix", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help_heading = "Proxy")]
     strip_prefix: Option<bool>,
+    /// Also replay a POST or PATCH whose instance died before answering, even if the app may have
+    /// read it: only for apps whose writes are idempotent (requests with an Idempotency-Key
+    /// header, and those an instance provably never read, are replayed anyway).
+    #[arg(long = "retry-non-idempotent", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help_heading = "Proxy")]
+    retry_non_idempotent: Option<bool>,
     /// Publish a raw TCP port, load-balanced per connection: PORT or LISTEN:TARGET, e.g. 6379 or
     /// 16379:6379 (repeatable; on `config` the list replaces the old one, "none" clears it).
     #[arg(long = "tcp", value_name = "PORT", help_heading = "Proxy")]
@@ -810,6 +815,9 @@ fn add_settings(body: &mut Value, settings: &Settings) {
     if let Some(m) = &settings.max_body {
         set("max_body", json!(m));
     }
+    if let Some(r) = settings.retry_non_idempotent {
+        set("retry_non_idempotent", json!(r));
+    }
     if let Some(s) = settings.strip_prefix {
         set("strip_prefix", json!(s));
     }
@@ -895,6 +903,7 @@ fn routing_summary(r: &Value) -> String {
             ),
             ("balance", b) if b == "least-outstanding" => continue,
             ("strip_prefix", Value::Bool(false)) => continue,
+            ("retry_non_idempotent", Value::Bool(false)) => continue,
             (k, Value::Number(n)) if k.ends_with("_ms") => format!("{}={n}ms", k.trim_end_matches("_ms")),
             (k, v) => format!("{k}={}", s(v)),
         };

@@ -328,7 +328,8 @@ impl Forwarder {
             };
         // A client that sends an Idempotency-Key (draft-ietf-httpapi-idempotency-key-header)
         // says the request may be sent twice.
-        let retry_safe = idempotent(&parts.method) || parts.headers.contains_key("idempotency-key");
+        let retry_safe =
+            idempotent(&parts.method) || parts.headers.contains_key("idempotency-key") || opts.retry_non_idempotent;
         let streamed = if bodiless { None } else { body };
         let mut pending = Some(build(parts.method.clone(), uri, parts.headers, streamed, buffered));
         let deadline = opts.total_timeout().map(|t| tokio::time::Instant::now() + t);

@@ -61,6 +61,11 @@ pub struct RouteOptions {
     pub retries: u32,
     /// Drop the matched path prefix before forwarding (`/api/users` → `/users`).
     pub strip_prefix: bool,
+    /// Also send a non-idempotent request (POST, PATCH) again after its instance died before
+    /// answering, even if the app may have read it: the operator says the app tolerates it
+    /// (as nginx's `proxy_next_upstream non_idempotent`).
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
     pub health: Option<HealthCheck>,
 }
 
@@ -74,6 +79,7 @@ impl Default for RouteOptions {
             max_body: None,
             retries: 2,
             strip_prefix: false,
+            retry_non_idempotent: false,
             health: None,
         }
     }
