@@ -44,9 +44,13 @@ pub async fn run(backend: Weak<Backend>, check: HealthCheck) {
 async fn probe(addr: SocketAddr, path: Option<&str>) -> Result<(), String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let Some(path) = path else { return Ok(()) };
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: deliverous-health-check\r\nConnection: close\r\n\r\n"
-    );
+    http_get_ok(&mut stream, addr, path, "deliverous-health-check").await
+}
+
+/// `GET path` over `stream` (connected to `addr`), answered by a 2xx or 3xx status; the error
+/// says what came instead. The proxy's checks and the supervisor's share it.
+pub async fn http_get_ok(stream: &mut TcpStream, addr: SocketAddr, path: &str, agent: &str) -> Result<(), String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
     let mut head = Vec::with_capacity(64);
     let mut buf = [0u8; 256];
@@ -58,10 +62,9 @@ async fn probe(addr: SocketAddr, path: Option<&str>) -> Result<(), String> {
         head.extend_from_slice(&buf[..n]);
     }
     let line = String::from_utf8_lossy(&head);
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok());
-    match status {
+    match line.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()) {
         Some(200..=399) => Ok(()),
-        Some(code) => Err(format!("status {code}")),
-        None => Err(format!("not an HTTP answer: {:?}", line.lines().next().unwrap_or(""))),
+        Some(code) => Err(format!("GET {path}: status {code}")),
+        None => Err(format!("GET {path}: not an HTTP answer: {:?}", line.lines().next().unwrap_or(""))),
     }
 }

@@ -8,7 +8,7 @@ mod body;
 pub mod cli;
 pub mod control;
 mod forward;
-mod health;
+pub mod health;
 pub mod link;
 pub mod metrics;
 mod pool;

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use deliverous_images::{HealthTest, Healthcheck};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{lock, State, Supervisor};
@@ -43,7 +42,9 @@ impl Probe {
             let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
             match self {
                 Probe::Tcp => Ok(()),
-                Probe::Http { path } => http_status(&mut stream, addr, path).await,
+                Probe::Http { path } => {
+                    crate::proxy::health::http_get_ok(&mut stream, addr, path, "deliverous-supervisor").await
+                }
                 Probe::Cmd { .. } => Err("a command check runs inside the instance".to_string()),
             }
         };
@@ -226,28 +227,6 @@ fn tail(output: &str) -> String {
         format!("…{}", chars[chars.len() - 200..].iter().collect::<String>())
     } else {
         line
-    }
-}
-
-async fn http_status(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(), String> {
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: deliverous-supervisor\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
-    let mut head = Vec::with_capacity(64);
-    let mut buf = [0u8; 256];
-    while !head.contains(&b'\n') && head.len() < 1024 {
-        let n = stream.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    match line.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()) {
-        Some(200..=399) => Ok(()),
-        Some(code) => Err(format!("GET {path}: status {code}")),
-        None => Err(format!("GET {path}: not an HTTP answer: {:?}", line.lines().next().unwrap_or(""))),
     }
 }
 
