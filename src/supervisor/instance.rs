@@ -291,8 +291,10 @@ impl Supervisor {
         Ok(parse_signal(image.config.stop_signal.as_deref()))
     }
 
-    /// Runs `deliverous shim …` for the prepared instance; returns the container's pid.
-    async fn spawn_shim(&self, row: &InstanceRow) -> Result<i32, String> {
+    /// `deliverous shim …` for the prepared instance `row`, with what every shim gets: its
+    /// bundle, state root, log, control socket, exit file and cgroup; stdout piped for its
+    /// report, its own process group (a ^C to a foreground daemon must not reach instances).
+    pub(super) fn shim_command(&self, row: &InstanceRow) -> Result<tokio::process::Command, String> {
         let s = &self.settings;
         let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
         let socket = s.shim_socket(&row.uid);
@@ -310,10 +312,6 @@ impl Supervisor {
             .arg(s.container_root())
             .arg("--log")
             .arg(dir.join("log"))
-            .arg("--log-max-bytes")
-            .arg(s.log_max_bytes.to_string())
-            .arg("--log-keep")
-            .arg(s.log_keep.to_string())
             .arg("--socket")
             .arg(&socket)
             .arg("--exit-file")
@@ -323,9 +321,16 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            // Its own process group: a ^C to a foreground daemon must not reach instances.
             .process_group(0)
             .kill_on_drop(false);
+        Ok(cmd)
+    }
+
+    /// Runs `deliverous shim …` for the prepared instance; returns the container's pid.
+    async fn spawn_shim(&self, row: &InstanceRow) -> Result<i32, String> {
+        let s = &self.settings;
+        let mut cmd = self.shim_command(row)?;
+        cmd.arg("--log-max-bytes").arg(s.log_max_bytes.to_string()).arg("--log-keep").arg(s.log_keep.to_string());
         let mut child = cmd.spawn().map_err(|e| format!("cannot run the shim: {e}"))?;
         let stdout = child.stdout.take().ok_or("shim has no stdout")?;
         // Reap the shim whenever it exits, so it never lingers as a zombie.

@@ -7,7 +7,6 @@
 //! finds one (its client's connection died with the previous daemon) removes it.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,34 +195,8 @@ impl Supervisor {
     /// Runs the shim of a one-off instance with the container's streams on our pipes (or a
     /// terminal); returns our ends.
     async fn spawn_run_shim(&self, row: &InstanceRow, opts: &ExecOptions) -> Result<Ends, String> {
-        let s = &self.settings;
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
-        let socket = s.shim_socket(&row.uid);
-        if let Some(parent) = socket.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        let dir = s.instance_dir(&row.uid);
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.arg("shim")
-            .arg("--id")
-            .arg(&row.uid)
-            .arg("--bundle")
-            .arg(&dir)
-            .arg("--state-root")
-            .arg(s.container_root())
-            .arg("--log")
-            .arg(dir.join("log"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--exit-file")
-            .arg(dir.join("exit.json"))
-            .arg("--cgroups-path")
-            .arg(s.cgroups_path(&row.uid))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(false);
+        let dir = self.settings.instance_dir(&row.uid);
+        let mut cmd = self.shim_command(row)?;
         let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
         let mut console = None;
         let (ends, theirs) = if opts.tty {
