@@ -525,57 +525,17 @@ pub async fn run_app(host: &Host, cmd: AppCommand) -> ExitCode {
             })
         }
         AppCommand::Config { name, image, port, settings, unset, remove_domains, json } => {
-            let mut env = match parse_env(&settings.env) {
-                Ok(e) => e,
+            let body = match change_body(image, port, &settings, unset, remove_domains) {
+                Ok(b) => b,
                 Err(m) => return usage(m),
             };
-            for k in unset {
-                env.insert(k, Value::Null);
-            }
-            let mut body = json!({"env": env, "add_domains": settings.domains, "remove_domains": remove_domains});
-            if let Some(i) = image {
-                body["image"] = json!(i);
-            }
-            if let Some(p) = port {
-                body["port"] = json!(p);
-            }
-            if let Some(m) = &settings.memory {
-                body["memory"] = json!(m);
-            }
-            if let Some(c) = settings.cpus {
-                body["cpus"] = json!(c);
-            }
-            if let Some(p) = settings.pids {
-                body["pids"] = json!(p);
-            }
-            add_settings(&mut body, &settings);
             call(host, Method::PATCH, &format!("/v1/apps/{name}"), Some(body)).await.map(|app| app_out(&app, json))
         }
         AppCommand::Deploy { name, image, port, settings, unset, remove_domains, json } => {
-            let mut env = match parse_env(&settings.env) {
-                Ok(e) => e,
+            let body = match change_body(image, port, &settings, unset, remove_domains) {
+                Ok(b) => b,
                 Err(m) => return usage(m),
             };
-            for k in unset {
-                env.insert(k, Value::Null);
-            }
-            let mut body = json!({"env": env, "add_domains": settings.domains, "remove_domains": remove_domains});
-            if let Some(i) = image {
-                body["image"] = json!(i);
-            }
-            if let Some(p) = port {
-                body["port"] = json!(p);
-            }
-            if let Some(m) = &settings.memory {
-                body["memory"] = json!(m);
-            }
-            if let Some(c) = settings.cpus {
-                body["cpus"] = json!(c);
-            }
-            if let Some(p) = settings.pids {
-                body["pids"] = json!(p);
-            }
-            add_settings(&mut body, &settings);
             let path = format!("/v1/apps/{name}/deploy");
             let request = call(host, Method::POST, &path, Some(body));
             deploys::with_progress(host, &name, request).await.map(|r| deploys::outcome(&r, json))
@@ -761,6 +721,38 @@ fn summary(app: &Value) {
 
 /// `--stop-timeout`, `--cap-add`/`--cap-drop` into the request body; `none` sends an empty
 /// capability list (clears it).
+/// The body of a configuration change (`app config`, `app deploy`): only what is given.
+fn change_body(
+    image: Option<String>,
+    port: Option<u16>,
+    settings: &Settings,
+    unset: Vec<String>,
+    remove_domains: Vec<String>,
+) -> Result<Value, String> {
+    let mut env = parse_env(&settings.env)?;
+    for k in unset {
+        env.insert(k, Value::Null);
+    }
+    let mut body = json!({"env": env, "add_domains": settings.domains, "remove_domains": remove_domains});
+    if let Some(i) = image {
+        body["image"] = json!(i);
+    }
+    if let Some(p) = port {
+        body["port"] = json!(p);
+    }
+    if let Some(m) = &settings.memory {
+        body["memory"] = json!(m);
+    }
+    if let Some(c) = settings.cpus {
+        body["cpus"] = json!(c);
+    }
+    if let Some(p) = settings.pids {
+        body["pids"] = json!(p);
+    }
+    add_settings(&mut body, settings);
+    Ok(body)
+}
+
 fn add_settings(body: &mut Value, settings: &Settings) {
     if !settings.volumes.is_empty() {
         let volumes: Vec<&String> = settings.volumes.iter().filter(|v| !v.eq_ignore_ascii_case("none")).collect();

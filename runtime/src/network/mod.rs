@@ -216,11 +216,19 @@ impl HostNetwork {
     /// is in the bridge and up, and whose other end is `eth0` in the namespace with `ip` on the
     /// subnet, up; `lo` up; a default route via the gateway. On failure, what was done is undone.
     pub fn create_sandbox(&self, ns_path: &Path, veth_name: &str, ip: Ipv4Addr) -> Result<(), NetworkError> {
+        let (mut host, bridge) = self.sandbox_host(&format!("create sandbox {ns_path:?}"), veth_name, ip)?;
+        let (netns, inside) = netns::create(ns_path)?;
+        self.plug(&mut host, bridge, ns_path, netns, inside, veth_name, ip)
+    }
+
+    /// What creating or adopting a sandbox checks first: the veth name, the address, and the
+    /// bridge (its index); with the host's netlink socket.
+    fn sandbox_host(&self, what: &str, veth_name: &str, ip: Ipv4Addr) -> Result<(Rtnl, u32), NetworkError> {
         let cfg = &self.config;
         check_ifname(veth_name)
             .map_err(|why| NetworkError::InvalidSandbox(format!("veth name {veth_name:?}: {why}")))?;
         cfg.subnet.check_instance_address(ip).map_err(NetworkError::InvalidSandbox)?;
-        let mut host = open_host_rtnl(&format!("create sandbox {ns_path:?}"))?;
+        let mut host = open_host_rtnl(what)?;
         let bridge = host
             .link(&cfg.bridge)
             .map_err(|e| e.during(format!("look up bridge {:?}", cfg.bridge)))?
@@ -230,9 +238,7 @@ impl HostNetwork {
                     cfg.bridge
                 ))
             })?;
-
-        let (netns, inside) = netns::create(ns_path)?;
-        self.plug(&mut host, bridge.index, ns_path, netns, inside, veth_name, ip)
+        Ok((host, bridge.index))
     }
 
     /// [`create_sandbox`](Self::create_sandbox) for a network namespace that already exists
@@ -246,22 +252,9 @@ impl HostNetwork {
         veth_name: &str,
         ip: Ipv4Addr,
     ) -> Result<(), NetworkError> {
-        let cfg = &self.config;
-        check_ifname(veth_name)
-            .map_err(|why| NetworkError::InvalidSandbox(format!("veth name {veth_name:?}: {why}")))?;
-        cfg.subnet.check_instance_address(ip).map_err(NetworkError::InvalidSandbox)?;
-        let mut host = open_host_rtnl(&format!("adopt sandbox {ns_path:?}"))?;
-        let bridge = host
-            .link(&cfg.bridge)
-            .map_err(|e| e.during(format!("look up bridge {:?}", cfg.bridge)))?
-            .ok_or_else(|| {
-                NetworkError::InvalidSandbox(format!(
-                    "bridge {:?} does not exist: call HostNetwork::ensure first",
-                    cfg.bridge
-                ))
-            })?;
+        let (mut host, bridge) = self.sandbox_host(&format!("adopt sandbox {ns_path:?}"), veth_name, ip)?;
         let (netns, inside) = netns::adopt(ns_path, source)?;
-        self.plug(&mut host, bridge.index, ns_path, netns, inside, veth_name, ip)
+        self.plug(&mut host, bridge, ns_path, netns, inside, veth_name, ip)
     }
 
     /// The veth pair between the bridge and the namespace at `ns_path`, and the namespace's
