@@ -2,6 +2,7 @@
 //! pull presents, which manifest of an index fits this host, streaming blobs, and turning the
 //! client's errors into ours.
 
+use std::collections::HashMap;
 use std::io;
 use std::time::Duration;
 
@@ -23,17 +24,77 @@ const MAX_CONFIG_SIZE: i64 = 16 << 20;
 /// A client for one pull: plain HTTP for loopback and insecure hosts, HTTPS for the rest, and no
 /// platform resolver because we select the manifest ourselves (to report what was offered).
 pub(crate) fn client(reference: &Reference, opts: &PullOptions) -> Client {
-    let mut plain_http = opts.insecure_registries.clone();
-    if reference.is_plain_http(&opts.insecure_registries) {
-        plain_http.push(reference.registry().to_string());
-    }
     Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(plain_http),
+        protocol: ClientProtocol::HttpsExcept(plain_http_hosts(reference, opts)),
         platform_resolver: None,
         connect_timeout: Some(Duration::from_secs(15)),
         read_timeout: Some(Duration::from_secs(120)),
         ..ClientConfig::default()
     })
+}
+
+/// The registries a pull of `reference` reaches over plain HTTP.
+fn plain_http_hosts(reference: &Reference, opts: &PullOptions) -> Vec<String> {
+    let mut plain_http = opts.insecure_registries.clone();
+    if reference.is_plain_http(&opts.insecure_registries) {
+        plain_http.push(reference.registry().to_string());
+    }
+    plain_http
+}
+
+/// Clients kept between pulls, so a pull does not build a new one (`oci-client` builds two HTTP
+/// clients per client, each parsing the CA roots: 6–9 ms before the first request) and reuses
+/// the previous pull's connections. One per way of reaching registries and per credentials: a
+/// client remembers the credentials it first saw per registry, and the tokens they earned (until
+/// they expire), so a pull under other credentials never gets a client that holds someone else's.
+/// Bearer access tokens (exchanged from an identity token at each pull) get a fresh client.
+#[derive(Default)]
+pub(crate) struct Clients(std::sync::Mutex<HashMap<ClientKey, Client>>);
+
+/// Plain-HTTP registries, and a digest of the credentials (never the secret itself).
+type ClientKey = (Vec<String>, [u8; 32]);
+
+/// Different credentials are rare: past this many, the cache starts again.
+const MAX_CLIENTS: usize = 16;
+
+impl Clients {
+    /// A client for a pull of `reference` that authenticates with `auth`.
+    pub(crate) fn get(&self, reference: &Reference, opts: &PullOptions, auth: &RegistryAuth) -> Client {
+        let who = match auth {
+            RegistryAuth::Anonymous => Sha256::digest(b"anonymous"),
+            RegistryAuth::Basic(user, password) => {
+                let mut h = Sha256::new();
+                // Length-prefixed, so no two (user, password) pairs digest the same input.
+                for part in [user.as_bytes(), password.as_bytes()] {
+                    h.update((part.len() as u64).to_le_bytes());
+                    h.update(part);
+                }
+                h.finalize()
+            }
+            RegistryAuth::Bearer(_) => return client(reference, opts),
+        };
+        let mut plain_http = plain_http_hosts(reference, opts);
+        plain_http.sort();
+        plain_http.dedup();
+        let key = (plain_http, who.into());
+        let mut clients = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = clients.get(&key) {
+            return c.clone();
+        }
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
+        let c = client(reference, opts);
+        clients.insert(key, c.clone());
+        c
+    }
+}
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |c| c.len());
+        write!(f, "Clients({n})")
+    }
 }
 
 /// This host's platform in Go naming (`GOARCH`, arm variant), as indexes spell it.
@@ -101,6 +162,7 @@ impl Session {
     /// that refuses them says so (`oci-client` would otherwise fall back to anonymous requests and
     /// report a bare 401 later).
     pub(crate) async fn open(
+        clients: &Clients,
         reference: &Reference,
         opts: &PullOptions,
         credential: Option<Credential>,
@@ -120,7 +182,7 @@ impl Session {
             },
         };
         let session = Session {
-            client: client(reference, opts),
+            client: clients.get(reference, opts, &auth),
             reference: reference.clone(),
             oci: reference.to_oci(),
             auth,
@@ -401,6 +463,35 @@ pub(crate) fn map_error(e: OciDistributionError, reference: &Reference) -> Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_are_kept_per_credentials_and_protocol() {
+        let clients = Clients::default();
+        let count = || clients.0.lock().map(|c| c.len()).unwrap_or(0);
+        let local = Reference::parse("127.0.0.1:5000/app:1").unwrap();
+        let remote = Reference::parse("registry.example/app:1").unwrap();
+        let opts = PullOptions::default();
+        let basic = |p: &str| RegistryAuth::Basic("me".into(), p.into());
+        clients.get(&local, &opts, &RegistryAuth::Anonymous);
+        clients.get(&local, &opts, &RegistryAuth::Anonymous);
+        assert_eq!(count(), 1, "the same way in, the same credentials: one client");
+        clients.get(&local, &opts, &basic("a"));
+        clients.get(&local, &opts, &basic("a"));
+        assert_eq!(count(), 2);
+        clients.get(&local, &opts, &basic("b"));
+        assert_eq!(count(), 3, "other credentials never share a client");
+        clients.get(&remote, &opts, &RegistryAuth::Anonymous);
+        assert_eq!(count(), 4, "HTTPS and plain HTTP never share a client");
+        let insecure = PullOptions { insecure_registries: vec!["registry.example".into()], ..PullOptions::default() };
+        clients.get(&remote, &insecure, &RegistryAuth::Anonymous);
+        assert_eq!(count(), 5);
+        clients.get(&local, &opts, &RegistryAuth::Bearer("t".into()));
+        assert_eq!(count(), 5, "an access token of one pull is not kept");
+        for i in 0..MAX_CLIENTS {
+            clients.get(&local, &opts, &basic(&i.to_string()));
+        }
+        assert!(count() <= MAX_CLIENTS);
+    }
 
     fn entry(digest: &str, json_platform: serde_json::Value) -> ImageIndexEntry {
         serde_json::from_value(serde_json::json!({

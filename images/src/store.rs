@@ -258,6 +258,8 @@ pub struct ImageStore {
     /// Keep compressed layer blobs after unpacking (off by default: they double the disk an
     /// image takes, and the verified layer is what instances use).
     keep_blobs: bool,
+    /// Registry clients kept from one pull to the next.
+    clients: crate::registry::Clients,
 }
 
 type BlobLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
@@ -297,6 +299,7 @@ impl ImageStore {
             credentials: CredentialFiles::default(),
             gc: tokio::sync::RwLock::new(()),
             keep_blobs: false,
+            clients: crate::registry::Clients::default(),
         };
         for dir in [&store.blobs, &store.layers, &store.images] {
             fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
@@ -345,7 +348,7 @@ impl ImageStore {
         if let Some(c) = &credential {
             tracing::debug!(%reference, user = %c.username, file = %c.file.display(), "pulling with credentials");
         }
-        let session = Session::open(reference, opts, credential).await?;
+        let session = Session::open(&self.clients, reference, opts, credential).await?;
         let (manifest, digest) = session.manifest().await?;
         tracing::debug!(%reference, %digest, layers = manifest.layers.len(), "pulled manifest");
 
