@@ -387,6 +387,27 @@ impl ImageStore {
                 .collect();
             p.send(PullEvent::Layers { layers });
         }
+        let image = Image {
+            reference: reference.to_string(),
+            digest,
+            config: process,
+            layers: diff_ids.clone(),
+            size,
+            pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            blobs: manifest
+                .layers
+                .iter()
+                .filter(|_| self.keep_blobs)
+                .chain([&manifest.config])
+                .map(|d| d.digest.clone())
+                .collect(),
+        };
+        // The record is written and synced under a temporary name while the layers download:
+        // after them, only its rename (and one sync of its directory) is left to wait for.
+        let staged = {
+            let (images, record) = (self.images.clone(), image.clone());
+            blocking(move || StagedRecord::write(&images, &record))
+        };
         // Every layer runs to its end (or its error) before the first error is reported, so no
         // half-done layer is still being cleaned up when the caller hears about it.
         // The futures are made first: a stream that maps borrowed items would not be `Send`.
@@ -405,33 +426,20 @@ impl ImageStore {
                 }
             })
             .collect();
-        let (config_stored, results): (_, Vec<Result<(), Error>>) =
-            tokio::join!(config_stored, futures_util::stream::iter(layers).buffered(PARALLEL_LAYERS).collect());
+        let (config_stored, staged, results): (_, _, Vec<Result<(), Error>>) =
+            tokio::join!(config_stored, staged, futures_util::stream::iter(layers).buffered(PARALLEL_LAYERS).collect());
         config_stored?;
         results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+        let staged = staged?;
         // Layers and blobs were renamed into place without syncing their directories (their
         // contents were synced): make the names durable before the record that points to them.
         let (layers, blobs) = (self.layers.clone(), self.blobs.clone());
-        blocking(move || sync_dir(&layers).and_then(|()| sync_dir(&blobs))).await?;
-
-        let image = Image {
-            reference: reference.to_string(),
-            digest,
-            config: process,
-            layers: diff_ids,
-            size,
-            pulled_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            blobs: manifest
-                .layers
-                .iter()
-                .filter(|_| self.keep_blobs)
-                .chain([&manifest.config])
-                .map(|d| d.digest.clone())
-                .collect(),
-        };
-        let images = self.images.clone();
-        let record = image.clone();
-        blocking(move || write_record(&images, &record)).await?;
+        blocking(move || {
+            sync_dir(&layers)?;
+            sync_dir(&blobs)?;
+            staged.commit()
+        })
+        .await?;
         Ok(image)
     }
 
@@ -844,6 +852,45 @@ fn write_record(images: &Path, image: &Image) -> Result<(), Error> {
     let json =
         serde_json::to_vec_pretty(image).map_err(|e| Error::io("serialising image record", io::Error::other(e)))?;
     atomic_write(&record_path(images, &image.reference), &json)
+}
+
+/// An image record written and synced under a temporary name in the index, not yet in it.
+/// Removed if dropped uncommitted (a failed or abandoned pull).
+struct StagedRecord {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl StagedRecord {
+    fn write(images: &Path, image: &Image) -> Result<StagedRecord, Error> {
+        use std::io::Write;
+        let json =
+            serde_json::to_vec_pretty(image).map_err(|e| Error::io("serialising image record", io::Error::other(e)))?;
+        let path = record_path(images, &image.reference);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let staged =
+            StagedRecord { tmp: images.join(format!(".tmp-{name}-{}", unique_suffix())), path, committed: false };
+        let mut f = fs::File::create(&staged.tmp).context(|| format!("creating {}", staged.tmp.display()))?;
+        f.write_all(&json).and_then(|()| f.sync_all()).context(|| format!("writing {}", staged.tmp.display()))?;
+        Ok(staged)
+    }
+
+    /// Puts the record in the index, durably.
+    fn commit(mut self) -> Result<(), Error> {
+        fs::rename(&self.tmp, &self.path)
+            .context(|| format!("moving {} to {}", self.tmp.display(), self.path.display()))?;
+        self.committed = true;
+        sync_dir(self.path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+impl Drop for StagedRecord {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn read_record(path: &Path) -> Result<Option<Image>, Error> {
