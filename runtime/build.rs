@@ -16,7 +16,7 @@ fn main() {
     let mut rustc = Command::new(var("RUSTC"));
     rustc
         .args(["--edition=2021", "--crate-type=bin", "--crate-name=dlv_monitor"])
-        .args(["-Copt-level=s", "-Cpanic=abort", "-Ccodegen-units=1", "-Clto=fat", "-Cstrip=symbols", "-Ddeprecated"])
+        .args(["-Copt-level=s", "-Cpanic=abort", "-Ccodegen-units=1", "-Clto=fat", "-Cstrip=symbols"])
         .arg("--target")
         .arg(var("TARGET"))
         .arg("-o")
