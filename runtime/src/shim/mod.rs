@@ -23,7 +23,7 @@ pub mod log;
 pub mod monitor;
 pub mod protocol;
 #[cfg(test)]
-#[allow(dead_code)] // The monitor's loop (its entry point is monitor/main.rs); compiled here for its unit tests and for clippy.
+#[allow(dead_code)] // The monitor's loop (entry: monitor/main.rs); here for its unit tests and clippy.
 #[path = "../../monitor/serve.rs"]
 mod serve;
 
@@ -76,7 +76,8 @@ pub enum ContainerStdio {
     Console(PathBuf),
 }
 
-/// Runs the shim to completion and returns the process exit code.
+/// Starts the container and becomes its monitor (exec); returns only if either fails, with the
+/// process exit code, having reported `error MSG` on stdout and removed what it made.
 pub fn run(cfg: ShimConfig) -> i32 {
     // Orphans of the container (its init is our child, grandchildren may be reparented) are ours
     // to reap; without this they would go to PID 1 and we could miss init's exit.
