@@ -490,7 +490,12 @@ fn kill_all(h: &Handoff) {
     unsafe { sys::kill(h.pid, sys::SIGKILL) };
     let rel = h.cgroups_path.trim_start_matches('/');
     let root = Path::new("/sys/fs/cgroup");
-    if std::fs::write(root.join(rel).join("cgroup.kill"), "1").is_ok() {
+    // Never created: only the kernel's own file counts.
+    let killed = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(rel).join("cgroup.kill"))
+        .and_then(|mut f| f.write_all(b"1"));
+    if killed.is_ok() {
         return;
     }
     let mut dirs = vec![root.join(rel)];
