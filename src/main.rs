@@ -121,6 +121,17 @@ enum Command {
     /// Run a command inside a running instance (started by the daemon, control socket on fd 3).
     #[command(hide = true, name = "shim-exec")]
     ShimExec(ShimExecArgs),
+    /// Delete an instance's ended container (run by its monitor, at the end).
+    #[command(hide = true, name = "shim-finish")]
+    ShimFinish(ShimFinishArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ShimFinishArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    state_root: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -200,6 +211,14 @@ fn main() -> ExitCode {
             });
             ExitCode::from(code.clamp(0, 255) as u8)
         }
+        Command::ShimFinish(a) => match deliverous_runtime::shim::finish(&a.id, &a.state_root) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                // The monitor reads our stdout into the instance log.
+                println!("{msg}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ShimExec(a) => {
             let code = deliverous_runtime::exec::run(deliverous_runtime::exec::ExecConfig {
                 bundle: a.bundle,

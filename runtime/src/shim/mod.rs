@@ -1,32 +1,47 @@
-//! The shim: one small single-threaded process per instance. It builds and starts the
-//! container with libcontainer (which must not run in a multi-threaded process), owns the
-//! container's stdout/stderr and writes them to the instance log, reaps the container's init,
-//! records how it ended, and answers a control socket. Instances thus outlive the daemon.
+//! The shim: one process per instance. It builds and starts the container with libcontainer
+//! (which must not run in a multi-threaded process), then execs the instance monitor (a small
+//! separate program, embedded: see [`monitor`]) that inherits the container's init as its
+//! child, the pipes of its stdout and stderr and the bound control socket. The monitor writes
+//! the log, answers the control socket, reaps, records how the instance ended, has this binary
+//! delete the container (`shim-finish`, [`finish`]) and replies to waiters. Instances thus
+//! outlive the daemon, and what stays resident per instance is the monitor alone.
 //!
-//! Lifecycle: start (build + start, report `ok PID` or `error MSG` on stdout) → serve (poll
-//! loop) → exit recorded → container deleted → reply to waiters → exit.
+//! Lifecycle: start (build + start) → exec the monitor, which reports `ok PID` (or `error MSG`)
+//! on stdout → poll loop → exit recorded → container deleted → reply to waiters → exit.
 
+#[allow(dead_code)] // Shared with the monitor program, which uses all of it.
+#[path = "../../monitor/clock.rs"]
+mod clock;
+#[path = "../../monitor/handoff.rs"]
+pub mod handoff;
+#[cfg(test)]
+#[allow(dead_code)] // The monitor's; compiled here for its unit tests and for clippy.
+#[path = "../../monitor/json.rs"]
+mod json;
+#[path = "../../monitor/log.rs"]
 pub mod log;
+pub mod monitor;
 pub mod protocol;
+#[cfg(test)]
+#[allow(dead_code)] // The monitor's loop (entry: monitor/main.rs); here for its unit tests and clippy.
+#[path = "../../monitor/serve.rs"]
+mod serve;
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::fcntl::OFlag;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use self::log::{LineBuffer, LogWriter};
-use self::protocol::{ExitStatus, Reply, Request};
+use self::handoff::Handoff;
+use self::log::LogWriter;
+use self::protocol::{Reply, Request};
 
 /// Everything the shim is told on its command line.
 #[derive(Debug, Clone)]
@@ -61,7 +76,8 @@ pub enum ContainerStdio {
     Console(PathBuf),
 }
 
-/// Runs the shim to completion and returns the process exit code.
+/// Starts the container and becomes its monitor (exec); returns only if either fails, with the
+/// process exit code, having reported `error MSG` on stdout and removed what it made.
 pub fn run(cfg: ShimConfig) -> i32 {
     // Orphans of the container (its init is our child, grandchildren may be reparented) are ours
     // to reap; without this they would go to PID 1 and we could miss init's exit.
@@ -72,6 +88,15 @@ pub fn run(cfg: ShimConfig) -> i32 {
         Ok(log) => log,
         Err(err) => {
             let _ = writeln!(report, "error cannot open log {}: {err}", cfg.log.display());
+            return 1;
+        }
+    };
+    // Before the container exists: a monitor we cannot write fails the start, not the instance.
+    let program = match monitor::install(&monitor::program_dir(&cfg.state_root)) {
+        Ok(path) => path,
+        Err(msg) => {
+            log.line("shim", msg.as_bytes());
+            let _ = writeln!(report, "error {msg}");
             return 1;
         }
     };
@@ -94,12 +119,49 @@ pub fn run(cfg: ShimConfig) -> i32 {
             return 1;
         }
     };
-    let _ = writeln!(report, "ok {}", started.pid);
-    let _ = report.flush();
-    // From here on nobody reads our stdout: point it and stderr at /dev/null so a write to a
-    // closed pipe cannot kill us.
-    silence_stdio();
-    serve(&cfg, started, listener, log)
+    let msg = hand_over(&cfg, &program, &started, &listener);
+    // Still here: the monitor did not start. Nobody would watch the container: remove it.
+    log.line("shim", msg.as_bytes());
+    let mut container = started.container;
+    let _ = container.delete(true);
+    let _ = std::fs::remove_file(&cfg.socket);
+    let _ = writeln!(report, "error {msg}");
+    1
+}
+
+/// Execs the monitor with the running container; returns only on failure, with the reason.
+fn hand_over(cfg: &ShimConfig, program: &Path, started: &Started, listener: &UnixListener) -> String {
+    let exe = match monitor::own_binary() {
+        Ok(fd) => fd,
+        Err(e) => return format!("cannot open our own binary for the monitor: {e}"),
+    };
+    let handoff = Handoff {
+        id: cfg.id.clone(),
+        state_root: cfg.state_root.clone(),
+        log: cfg.log.clone(),
+        log_max_bytes: cfg.log_max_bytes,
+        log_keep: cfg.log_keep,
+        socket: cfg.socket.clone(),
+        exit_file: cfg.exit_file.clone(),
+        cgroups_path: cfg.cgroups_path.clone(),
+        pid: started.pid.as_raw(),
+        stdout_fd: started.stdout.as_ref().map(|fd| fd.as_raw_fd()),
+        stderr_fd: started.stderr.as_ref().map(|fd| fd.as_raw_fd()),
+        listener_fd: listener.as_raw_fd(),
+        exe_fd: exe.as_raw_fd(),
+    };
+    monitor::exec(program, &handoff)
+}
+
+/// `deliverous shim-finish`: deletes container `id` once its init has ended (the monitor runs
+/// it, being too small to know libcontainer's state and cgroups).
+pub fn finish(id: &str, state_root: &Path) -> Result<(), String> {
+    let dir = state_root.join(id);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mut container = Container::load(dir.clone()).map_err(|e| format!("cannot load container {id}: {e}"))?;
+    container.delete(true).map_err(|e| format!("cannot delete container {id}: {e}"))
 }
 
 /// A running container and the read ends of its stdout and stderr pipes (none when its
@@ -202,287 +264,6 @@ fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-fn silence_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: dup2 onto the standard descriptors; `null` stays open for the call.
-        unsafe {
-            libc::dup2(null.as_raw_fd(), 1);
-            libc::dup2(null.as_raw_fd(), 2);
-        }
-    }
-}
-
-struct Client {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    /// Waiting for the exit (a `wait` or `stop` request).
-    waiting: bool,
-}
-
-struct Pipe {
-    fd: Option<OwnedFd>,
-    stream: &'static str,
-    lines: LineBuffer,
-}
-
-fn serve(cfg: &ShimConfig, started: Started, listener: UnixListener, mut log: LogWriter) -> i32 {
-    let Started { mut container, pid, stdout, stderr } = started;
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGCHLD);
-    // Blocked only now, after the container's processes were created: they must not inherit it.
-    let sigfd =
-        mask.thread_block().and_then(|_| SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC));
-    let sigfd = match sigfd {
-        Ok(fd) => fd,
-        Err(e) => {
-            log.line("shim", format!("signalfd: {e}; stopping the container").as_bytes());
-            let _ = container.delete(true);
-            return 1;
-        }
-    };
-    let mut pipes = [
-        Pipe { fd: stdout, stream: "stdout", lines: LineBuffer::default() },
-        Pipe { fd: stderr, stream: "stderr", lines: LineBuffer::default() },
-    ];
-    for p in &pipes {
-        if let Some(fd) = &p.fd {
-            let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
-        }
-    }
-    let mut clients: Vec<Client> = Vec::new();
-    let mut exit: Option<ExitStatus> = None;
-    let mut kill_deadline: Option<Instant> = None;
-    let mut drain_deadline: Option<Instant> = None;
-    let mut buf = vec![0u8; 64 * 1024];
-
-    // A child may have exited before the signal was blocked.
-    reap(pid, &mut exit, cfg);
-    loop {
-        if exit.is_some() {
-            let drained = pipes.iter().all(|p| p.fd.is_none());
-            let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
-            if drained || Instant::now() >= deadline {
-                break;
-            }
-        }
-        if let Some(deadline) = kill_deadline {
-            if exit.is_none() && Instant::now() >= deadline {
-                log.line("shim", b"stop timeout reached: sending SIGKILL to every process of the instance");
-                let _ = container.kill(Signal::SIGKILL, true);
-                let _ = kill(pid, Signal::SIGKILL);
-                kill_deadline = None;
-            }
-        }
-        let timeout = [kill_deadline, drain_deadline]
-            .into_iter()
-            .flatten()
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .min()
-            .map(|d| PollTimeout::try_from(d.as_millis().min(60_000) as i32 + 1).unwrap_or(PollTimeout::MAX))
-            .unwrap_or(PollTimeout::NONE);
-
-        let mut fds: Vec<PollFd> =
-            vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN), PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let pipe_slots: Vec<usize> = (0..pipes.len()).filter(|i| pipes[*i].fd.is_some()).collect();
-        for i in &pipe_slots {
-            if let Some(fd) = &pipes[*i].fd {
-                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-            }
-        }
-        for c in &clients {
-            fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, timeout) {
-            Ok(_) => {}
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => {
-                log.line("shim", format!("poll: {e}").as_bytes());
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        }
-        let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
-        drop(fds);
-
-        if ready[0] {
-            while let Ok(Some(_)) = sigfd.read_signal() {}
-            reap(pid, &mut exit, cfg);
-        }
-        // Only clients that were polled have a slot in `ready`; new ones wait for the next round.
-        let polled_clients = clients.len();
-        if ready[1] {
-            while let Ok((stream, _)) = listener.accept() {
-                if stream.set_nonblocking(true).is_ok() {
-                    clients.push(Client { stream, buf: Vec::new(), waiting: false });
-                }
-            }
-        }
-        for (k, i) in pipe_slots.iter().enumerate() {
-            if !ready[2 + k] {
-                continue;
-            }
-            let pipe = &mut pipes[*i];
-            let Some(fd) = pipe.fd.as_ref() else { continue };
-            match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-                Ok(0) => {
-                    let stream = pipe.stream;
-                    pipe.lines.finish(|l| log.line(stream, l));
-                    pipe.fd = None;
-                }
-                Ok(n) => {
-                    let stream = pipe.stream;
-                    pipe.lines.feed(&buf[..n], |l| log.line(stream, l));
-                }
-                Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => {}
-                Err(_) => pipe.fd = None,
-            }
-        }
-        let client_base = 2 + pipe_slots.len();
-        let mut closed = Vec::new();
-        for (k, client) in clients.iter_mut().enumerate().take(polled_clients) {
-            if !ready[client_base + k] {
-                continue;
-            }
-            match client.stream.read(&mut buf) {
-                Ok(0) => closed.push(k),
-                Ok(n) => {
-                    client.buf.extend_from_slice(&buf[..n]);
-                    while let Some(pos) = client.buf.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = client.buf.drain(..=pos).collect();
-                        let reply = match serde_json::from_slice::<Request>(&line) {
-                            Err(e) => Some(error_reply(format!("bad request: {e}"))),
-                            Ok(Request::State) => {
-                                Some(Reply { ok: true, error: None, pid: Some(pid.as_raw()), exit: exit.clone() })
-                            }
-                            Ok(Request::Signal { signal }) => Some(match send_signal(pid, signal, exit.is_some()) {
-                                Ok(()) => Reply { ok: true, error: None, pid: Some(pid.as_raw()), exit: None },
-                                Err(e) => error_reply(e),
-                            }),
-                            Ok(Request::Stop { signal, timeout_ms }) => {
-                                if exit.is_none() {
-                                    if let Err(e) = send_signal(pid, signal, false) {
-                                        log.line("shim", e.as_bytes());
-                                    }
-                                    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-                                    kill_deadline = Some(kill_deadline.map_or(deadline, |d| d.min(deadline)));
-                                }
-                                client.waiting = true;
-                                None
-                            }
-                            Ok(Request::Wait) => {
-                                client.waiting = true;
-                                None
-                            }
-                        };
-                        if let Some(reply) = reply {
-                            if write_reply(&mut client.stream, &reply).is_err() {
-                                closed.push(k);
-                                break;
-                            }
-                        }
-                    }
-                    if client.buf.len() > 64 * 1024 {
-                        closed.push(k);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => closed.push(k),
-            }
-        }
-        closed.sort_unstable();
-        closed.dedup();
-        for k in closed.into_iter().rev() {
-            clients.remove(k);
-        }
-    }
-
-    let status = exit.unwrap_or_else(|| ExitStatus { code: None, signal: None, oom: false, finished_at: now() });
-    log.line("shim", format!("instance ended: {}", status.reason()).as_bytes());
-    if let Err(e) = container.delete(true) {
-        log.line("shim", format!("cannot delete container: {e}").as_bytes());
-    }
-    if let Ok(json) = serde_json::to_vec(&status) {
-        let tmp = cfg.exit_file.with_extension("tmp");
-        if std::fs::write(&tmp, json).is_ok() {
-            let _ = std::fs::rename(&tmp, &cfg.exit_file);
-        }
-    }
-    let reply = Reply { ok: true, error: None, pid: Some(pid.as_raw()), exit: Some(status) };
-    for client in clients.iter_mut().filter(|c| c.waiting) {
-        let _ = client.stream.set_nonblocking(false);
-        let _ = client.stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let _ = write_reply(&mut client.stream, &reply);
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    0
-}
-
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn error_reply(msg: String) -> Reply {
-    Reply { ok: false, error: Some(msg), pid: None, exit: None }
-}
-
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    // Replies are small; a client that does not read them is dropped.
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let result = stream.write_all(&line);
-    let _ = stream.set_nonblocking(true);
-    result
-}
-
-fn send_signal(pid: Pid, signal: i32, exited: bool) -> Result<(), String> {
-    if exited {
-        return Err("the instance has already exited".into());
-    }
-    let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal number"))?;
-    kill(pid, sig).map_err(|e| format!("kill({pid}, {sig}): {e}"))
-}
-
-/// Reaps every exited child; records the container init's status.
-fn reap(init: Pid, exit: &mut Option<ExitStatus>, cfg: &ShimConfig) {
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(p, code)) if p == init => {
-                *exit = Some(ExitStatus { code: Some(code), signal: None, oom: false, finished_at: now() });
-            }
-            Ok(WaitStatus::Signaled(p, sig, _)) if p == init => {
-                let oom = sig == Signal::SIGKILL && oom_kills(&cfg.cgroups_path) > 0;
-                *exit = Some(ExitStatus { code: None, signal: Some(sig as i32), oom, finished_at: now() });
-            }
-            Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// OOM kills recorded in the instance's memory cgroup (v1 `memory.oom_control`, v2 `memory.events`).
-pub fn oom_kills(cgroups_path: &str) -> u64 {
-    let rel = cgroups_path.trim_start_matches('/');
-    let candidates = [
-        (format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"), "oom_kill"),
-        (format!("/sys/fs/cgroup/{rel}/memory.events"), "oom_kill"),
-    ];
-    candidates
-        .iter()
-        .filter_map(|(path, key)| std::fs::read_to_string(path).ok().map(|s| parse_counter(&s, key)))
-        .max()
-        .unwrap_or(0)
-}
-
-fn parse_counter(text: &str, key: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Blocking client for the control socket, for tools and tests (the daemon uses its own async one).
 pub fn request(socket: &Path, req: &Request, timeout: Duration) -> std::io::Result<Reply> {
     let mut stream = UnixStream::connect(socket)?;
@@ -501,14 +282,8 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> std::io::Resu
 
 #[cfg(test)]
 mod tests {
+    use super::protocol::ExitStatus;
     use super::*;
-
-    #[test]
-    fn oom_counter_parsing() {
-        assert_eq!(parse_counter("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n", "oom_kill"), 2);
-        assert_eq!(parse_counter("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n", "oom_kill"), 1);
-        assert_eq!(parse_counter("", "oom_kill"), 0);
-    }
 
     #[test]
     fn protocol_round_trip() {
@@ -516,5 +291,22 @@ mod tests {
         assert_eq!(r, Request::Stop { signal: 15, timeout_ms: 10_000 });
         let e = ExitStatus { code: None, signal: Some(9), oom: true, finished_at: "t".into() };
         assert_eq!(e.reason(), "oom");
+    }
+
+    /// The monitor stamps log lines and exit statuses as chrono would.
+    #[test]
+    fn timestamps_match_chrono() {
+        use chrono::{DateTime, SecondsFormat};
+        for (secs, nanos) in [(0, 0), (951_782_400, 5_000), (1_764_028_800, 999_999_999), (4_102_444_799, 123_456_000)]
+        {
+            let t = DateTime::from_timestamp(secs, nanos).expect("in range");
+            let s = u64::try_from(secs).expect("positive");
+            assert_eq!(clock::format(s, nanos / 1_000, 6), t.to_rfc3339_opts(SecondsFormat::Micros, true));
+            assert_eq!(clock::format(s, nanos / 1_000_000, 3), t.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
+        for day in (0..200_000u64).step_by(97) {
+            let t = DateTime::from_timestamp(i64::try_from(day * 86_400 + 3_723).expect("fits"), 0).expect("in range");
+            assert_eq!(clock::format(day * 86_400 + 3_723, 0, 3), t.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
     }
 }

@@ -1,14 +1,13 @@
 //! The instance log: one line per line the container wrote, prefixed by a UTC timestamp and the
 //! stream (`stdout`, `stderr`, or `shim` for the shim's own messages), rotated by size.
+//! Written by the monitor (and by the shim before it hands over); read by the daemon's `logs`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 
-use chrono::{SecondsFormat, Utc};
-
 /// Lines longer than this are split, so one runaway write cannot grow memory unbounded.
-const MAX_LINE: usize = 16 * 1024;
+pub const MAX_LINE: usize = 16 * 1024;
 
 pub struct LogWriter {
     path: PathBuf,
@@ -26,7 +25,7 @@ impl LogWriter {
     }
 
     pub fn line(&mut self, stream: &str, text: &[u8]) {
-        let stamp = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        let stamp = super::clock::now_micros();
         let mut record = Vec::with_capacity(text.len() + 40);
         record.extend_from_slice(stamp.as_bytes());
         record.push(b' ');
