@@ -166,7 +166,11 @@ fn exec_attaches_stdin_and_a_terminal() {
     let mut first = String::new();
     std::io::BufRead::read_line(&mut reader, &mut first).expect("read");
     assert_eq!(first, "started\n");
-    assert_eq!(ours(&daemon, |a| a.iter().any(|x| x == "305")).len(), 1);
+    // `sh` has printed, but its `sleep` may not have been exec'd yet.
+    assert!(
+        wait_until(Duration::from_secs(10), || ours(&daemon, |a| a.iter().any(|x| x == "305")).len() == 1),
+        "the exec'd command's child is not running"
+    );
     let _ = cli.0.kill();
     let _ = cli.0.wait();
     assert!(
