@@ -672,7 +672,7 @@ mod tests {
 
 /// A one-worker proxy on 127.0.0.1 routing `a.localhost` to `backend`.
 #[cfg(test)]
-fn proxy_to(backend: SocketAddr) -> ProxyHandle {
+pub(super) fn proxy_to(backend: SocketAddr) -> ProxyHandle {
     use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
     let table = Arc::new(RouteTable::default());
     table.publish(RouteConfig {
