@@ -158,6 +158,61 @@ async fn pump(
     }
 }
 
+/// Streams the request body while watching for the answer (an instance may answer before it
+/// has read everything, e.g. 413). The answer, and whether the whole body went out; `None`
+/// when the instance stayed silent too long.
+#[allow(clippy::too_many_arguments)]
+async fn stream_exchange(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    buf: &mut bytes::BytesMut,
+    head: &Bytes,
+    body: &mut RequestBody,
+    chunked: bool,
+    head_request: bool,
+    started: &std::sync::atomic::AtomicBool,
+    exchange: &Exchange,
+    read_timeout: Duration,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<(Result<Head, Error>, bool)> {
+    let wait_for = |now: tokio::time::Instant| {
+        let until = now + read_timeout;
+        deadline.map_or(until, |d| until.min(d))
+    };
+    let upload = async {
+        wr.write_all(head).await.map_err(Error::Io)?;
+        pump(wr, body, chunked, started).await
+    };
+    let answer = read_head(rd, buf, head_request);
+    tokio::pin!(upload, answer);
+    let mut uploaded = false;
+    let timer = tokio::time::sleep_until(wait_for(tokio::time::Instant::now()));
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            r = &mut upload, if !uploaded => match r {
+                Ok(()) => {
+                    uploaded = true;
+                    timer.as_mut().reset(wait_for(tokio::time::Instant::now()));
+                }
+                Err(e) => return Some((Err(e), false)),
+            },
+            h = &mut answer => return Some((h, uploaded)),
+            _ = &mut timer => {
+                // Still uploading: the clock runs from the body's last progress.
+                let now = tokio::time::Instant::now();
+                if !uploaded && exchange.idle() < read_timeout && deadline.is_none_or(|d| now < d) {
+                    let since = read_timeout.saturating_sub(exchange.idle());
+                    let next = wait_for(now).min(now + since.max(Duration::from_millis(10)));
+                    timer.as_mut().reset(next);
+                } else {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Sends `out` on `conn` and waits for the response head: at most `read_timeout` of silence
 /// (an upload that still makes progress is not silence), and never past `deadline`.
 pub async fn send(
@@ -200,41 +255,26 @@ pub async fn send(
             }
         }
         OutBody::Stream { body, chunked } => {
-            let chunked = *chunked;
-            let upload = async {
-                wr.write_all(&out.head).await.map_err(Error::Io)?;
-                pump(&mut wr, body, chunked, &started).await
-            };
-            let answer = read_head(&mut rd, buf, head_request);
-            tokio::pin!(upload, answer);
-            let mut uploaded = false;
-            let timer = tokio::time::sleep_until(wait_for(tokio::time::Instant::now()));
-            tokio::pin!(timer);
-            loop {
-                tokio::select! {
-                    r = &mut upload, if !uploaded => match r {
-                        Ok(()) => {
-                            uploaded = true;
-                            timer.as_mut().reset(wait_for(tokio::time::Instant::now()));
-                        }
-                        Err(e) => break Err(e),
-                    },
-                    h = &mut answer => {
-                        complete = uploaded;
-                        break h;
-                    }
-                    _ = &mut timer => {
-                        // Still uploading: the clock runs from the body's last progress.
-                        let now = tokio::time::Instant::now();
-                        if !uploaded && exchange.idle() < read_timeout && deadline.is_none_or(|d| now < d) {
-                            let since = read_timeout.saturating_sub(exchange.idle());
-                            let next = wait_for(now).min(now + since.max(Duration::from_millis(10)));
-                            timer.as_mut().reset(next);
-                        } else {
-                            return Sent::TimedOut;
-                        }
-                    }
+            // Boxed: rare next to bodiless requests, and large.
+            let streamed = Box::pin(stream_exchange(
+                &mut rd,
+                &mut wr,
+                buf,
+                &out.head,
+                body,
+                *chunked,
+                head_request,
+                &started,
+                exchange,
+                read_timeout,
+                deadline,
+            ));
+            match streamed.await {
+                Some((r, uploaded)) => {
+                    complete = uploaded;
+                    r
                 }
+                None => return Sent::TimedOut,
             }
         }
     };

@@ -304,7 +304,8 @@ impl Forwarder {
         let mut buffered: Option<bytes::Bytes> = None;
         let small = !bodiless && upgrade.is_none() && declared_len.is_some_and(|n| n <= BUFFERED_BODY);
         if let Some(incoming) = body.take_if(|_| small) {
-            let read = tokio::time::timeout(opts.read_timeout(), http_body_util::BodyExt::collect(incoming)).await;
+            let read =
+                Box::pin(tokio::time::timeout(opts.read_timeout(), http_body_util::BodyExt::collect(incoming))).await;
             match read {
                 Ok(Ok(collected)) => buffered = Some(collected.to_bytes()),
                 Ok(Err(e)) => {
@@ -393,7 +394,9 @@ impl Forwarder {
             let in_flight = backend.enter();
             let attempt = match req {
                 Pending::Plain(out) => self.attempt(&backend.addr, out, opts, &exchange, deadline).await,
-                Pending::Upgrade(req) => self.attempt_upgrade(&backend.addr, req, opts, &exchange, deadline).await,
+                Pending::Upgrade(req) => {
+                    Box::pin(self.attempt_upgrade(&backend.addr, req, opts, &exchange, deadline)).await
+                }
             };
             match attempt {
                 Attempt::Answered(head, complete, conn) => {
@@ -542,7 +545,9 @@ impl Forwarder {
         *resp.status_mut() = head.status;
         *resp.headers_mut() = head.headers;
         let (mut parts, ()) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        for name in head.hop_named {
+            parts.headers.remove(name);
+        }
         parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
         let mut decoder = head.body;
         // The whole body came with the head (most small answers): no body state to keep.

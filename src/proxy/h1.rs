@@ -99,7 +99,10 @@ pub fn encode_last_chunk(trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
+    /// The end-to-end headers: those that describe this hop (RFC 9110 §7.6.1) are left out…
     pub headers: HeaderMap,
+    /// …except those the `Connection` header names, which the caller removes.
+    pub hop_named: Vec<HeaderName>,
     /// The connection may carry another request after this response.
     pub keep_alive: bool,
     pub body: Decoder,
@@ -109,39 +112,52 @@ pub struct Head {
 /// success the head's bytes are consumed from `buf`. `head_request`: the request was `HEAD` (the
 /// response has no body whatever its headers say).
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, FramingError> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > MAX_HEAD {
-                return Err(FramingError::HeadTooLarge);
+    // Where each header's name and value are in `buf`: the values are then shared with the
+    // frozen head (no copy), as hyper does.
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let (len, code, http11, count) = {
+        let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut raw);
+        let len = match parsed {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                if buf.len() > MAX_HEAD {
+                    return Err(FramingError::HeadTooLarge);
+                }
+                return Ok(None);
             }
-            return Ok(None);
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(FramingError::BadHead(format!("more than {MAX_HEADERS} headers")))
+            }
+            Err(e) => return Err(FramingError::BadHead(e.to_string())),
+        };
+        let base = buf.as_ptr() as usize;
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            *span = (h.name.as_ptr() as usize - base, h.name.len(), h.value.as_ptr() as usize - base, h.value.len());
         }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(FramingError::BadHead(format!("more than {MAX_HEADERS} headers")))
-        }
-        Err(e) => return Err(FramingError::BadHead(e.to_string())),
+        (len, resp.code.unwrap_or(0), resp.version == Some(1), resp.headers.len())
     };
     if len > MAX_HEAD {
         return Err(FramingError::HeadTooLarge);
     }
-    let code = resp.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| FramingError::BadHead(format!("status {code}")))?;
-    let http11 = resp.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let raw_head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
     let mut close = !http11;
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| FramingError::BadHead(format!("header name {:?}", h.name)))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| FramingError::BadHead(format!("value of {}", h.name)))?;
+    let mut hop_named = Vec::new();
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let name_bytes = &raw_head[ns..ns + nl];
+        let value_bytes = &raw_head[vs..vs + vl];
+        let name = HeaderName::from_bytes(name_bytes)
+            .map_err(|_| FramingError::BadHead(format!("header name {:?}", String::from_utf8_lossy(name_bytes))))?;
+        let value = HeaderValue::from_maybe_shared(raw_head.slice(vs..vs + vl))
+            .map_err(|_| FramingError::BadHead(format!("value of {name}")))?;
         if name == hyper::header::CONTENT_LENGTH {
-            let s = std::str::from_utf8(h.value).unwrap_or("");
+            let s = std::str::from_utf8(value_bytes).unwrap_or("");
             // A list of identical values is one length (RFC 9110 §8.6); different ones are an error.
             for part in s.split(',') {
                 let part = part.trim();
@@ -157,23 +173,26 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             }
         } else if name == hyper::header::TRANSFER_ENCODING {
             transfer_encoding = true;
-            let s = std::str::from_utf8(h.value).unwrap_or("");
+            let s = std::str::from_utf8(value_bytes).unwrap_or("");
             // Only the last coding decides whether the body is chunked.
             chunked = s.rsplit(',').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
         } else if name == hyper::header::CONNECTION {
-            let s = std::str::from_utf8(h.value).unwrap_or("");
+            let s = std::str::from_utf8(value_bytes).unwrap_or("");
             for t in s.split(',') {
                 let t = t.trim();
                 if t.eq_ignore_ascii_case("close") {
                     close = true;
-                } else if t.eq_ignore_ascii_case("keep-alive") && !http11 {
-                    close = false;
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    close &= http11;
+                } else if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                    hop_named.push(n);
                 }
             }
         }
-        headers.append(name, value);
+        if !hop_by_hop(&name) {
+            headers.append(name, value);
+        }
     }
-    buf.advance(len);
     let no_body = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -203,7 +222,18 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         // Both framings at once may be an attempt to smuggle: never reuse that connection.
         close = true;
     }
-    Ok(Some(Head { status, headers, keep_alive: !close, body }))
+    Ok(Some(Head { status, headers, hop_named, keep_alive: !close, body }))
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    use hyper::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == TE
+        || name == UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,6 +553,17 @@ mod tests {
             .expect("complete");
         assert_eq!(h.body, Decoder::Chunked(Chunked::Size));
         assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_left_out() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n\
+                   Transfer-Encoding: chunked\r\nUpgrade: h2c\r\nX-Kept: 1\r\n\r\n";
+        let h = head(raw, false).expect("ok").expect("complete");
+        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
+        assert_eq!(h.headers["x-kept"], "1");
+        assert_eq!(h.hop_named, vec![HeaderName::from_static("x-hop")]);
+        assert!(h.keep_alive);
     }
 
     #[test]

@@ -224,7 +224,8 @@ impl Pool {
                 return Ok(conn);
             }
         }
-        let stream = connect(addr, connect_timeout).await?;
+        // Boxed: rare (keep-alive), and it would make every request's state larger.
+        let stream = Box::pin(connect(addr, connect_timeout)).await?;
         Ok(UpConn { stream, buf: bytes::BytesMut::new(), unacked_at_eof: -1, reused: false })
     }
 
@@ -234,8 +235,11 @@ impl Pool {
         if !conn.buf.is_empty() || conn.unacked_at_eof >= 0 {
             return;
         }
-        // An idle connection holds no buffer (up to 512 of them per instance and worker).
-        conn.buf = bytes::BytesMut::new();
+        // The read buffer stays with the connection (allocating one per request costs more),
+        // unless a large body made it grow.
+        if conn.buf.capacity() > 2 * super::client::READ_CHUNK {
+            conn.buf = bytes::BytesMut::new();
+        }
         let mut idle = self.lock();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE {
