@@ -16,7 +16,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::access;
-use super::pool::{Pool, Upstream};
+use super::h1::Decoder;
+use super::pool::{Pool, UpConn, Upstream};
 use super::routes::InFlight;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,8 +62,6 @@ pub struct ReadTimeout(pub Duration);
 /// The client's request body, counted and limited.
 pub struct RequestBody {
     inner: Option<Incoming>,
-    /// A small body read in full beforehand (so the request can be sent again).
-    full: Option<Bytes>,
     limit: Option<u64>,
     seen: u64,
     exchange: Arc<Exchange>,
@@ -70,12 +69,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Option<Incoming>, limit: Option<u64>, exchange: Arc<Exchange>) -> RequestBody {
-        RequestBody { inner, full: None, limit, seen: 0, exchange }
-    }
-
-    /// A body already read in full.
-    pub fn full(bytes: Bytes, exchange: Arc<Exchange>) -> RequestBody {
-        RequestBody { inner: None, full: (!bytes.is_empty()).then_some(bytes), limit: None, seen: 0, exchange }
+        RequestBody { inner, limit, seen: 0, exchange }
     }
 }
 
@@ -85,10 +79,6 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(bytes) = this.full.take() {
-            this.exchange.bytes_in.store(bytes.len() as u64, Ordering::Relaxed);
-            return Poll::Ready(Some(Ok(Frame::data(bytes))));
-        }
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -115,13 +105,10 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.full.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if let Some(bytes) = &self.full {
-            return SizeHint::with_exact(bytes.len() as u64);
-        }
         self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
     }
 }
@@ -229,15 +216,125 @@ impl Drop for Ticket {
     }
 }
 
+/// A response body read by the inline client from its connection, which goes back to the pool
+/// (when it may be reused) the moment the body's last byte has been read.
+pub struct LeanBody {
+    conn: Option<UpConn>,
+    decoder: Decoder,
+    pool: Option<(Arc<Pool>, SocketAddr)>,
+}
+
+impl LeanBody {
+    /// `pool`: where the connection goes back at the end; `None` when it may not be reused.
+    pub fn new(conn: UpConn, decoder: Decoder, pool: Option<(Arc<Pool>, SocketAddr)>) -> LeanBody {
+        let mut body = LeanBody { conn: Some(conn), decoder, pool };
+        if body.decoder.is_done() {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        if let (Some(conn), Some((pool, addr))) = (self.conn.take(), self.pool.take()) {
+            pool.give_back(addr, conn);
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else { return Poll::Ready(None) };
+            match self.decoder.decode(&mut conn.buf) {
+                Ok(Some(frame)) => {
+                    if self.decoder.is_done() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(None) if self.decoder.is_done() => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+            // Large bodies are read in large pieces (each becomes one frame, without a copy).
+            let want = match self.decoder.remaining() {
+                Some(n) => (n as usize).clamp(super::client::READ_CHUNK, 64 << 10),
+                None => 32 << 10,
+            };
+            match conn.poll_fill(cx, want) {
+                Poll::Ready(Ok(0)) => {
+                    self.conn = None;
+                    return match self.decoder.at_eof() {
+                        Ok(()) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                    };
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Where a response body comes from: the inline client, or hyper's (after an upgrade request
+/// the instance did not accept; the connection is kept until the body's end, then closed).
+enum Source {
+    Lean(LeanBody),
+    Hyper(Incoming, Option<Upstream>),
+}
+
+impl Source {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Source::Lean(b) => b.poll_frame(cx),
+            Source::Hyper(b, conn) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    conn.take();
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(|e| Box::new(e) as BoxError))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Lean(b) => b.decoder.is_done(),
+            Source::Hyper(b, _) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Lean(b) => b.size_hint(),
+            Source::Hyper(b, _) => b.size_hint(),
+        }
+    }
+}
+
 /// A response body from an instance on its way to the client.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Source,
     read_timeout: Duration,
     /// Armed the first time the instance makes us wait.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     deadline: Option<tokio::time::Instant>,
-    /// The connection, to return to the pool once the body is complete.
-    conn: Option<(Arc<Pool>, SocketAddr, Upstream)>,
     ticket: Ticket,
 }
 
@@ -255,19 +352,27 @@ impl ResponseBody {
         ResponseBody::Local(None, None)
     }
 
+    /// A body from hyper's client (the answer to an upgrade request that was not accepted).
     pub fn upstream(
         inner: Incoming,
         read_timeout: Duration,
         deadline: Option<tokio::time::Instant>,
-        conn: Option<(Arc<Pool>, SocketAddr, Upstream)>,
+        conn: Upstream,
         ticket: Ticket,
     ) -> ResponseBody {
-        let mut body = UpstreamBody { inner, read_timeout, timer: None, deadline, conn, ticket };
-        // No body at all (204, 304, HEAD, `Content-Length: 0`): never polled, done now.
-        if body.inner.is_end_stream() {
-            body.complete(None);
-        }
-        ResponseBody::Upstream(Box::new(body))
+        let inner = Source::Hyper(inner, Some(conn));
+        ResponseBody::Upstream(Box::new(UpstreamBody { inner, read_timeout, timer: None, deadline, ticket }))
+    }
+
+    /// A body the inline client reads from its connection.
+    pub fn lean(
+        inner: LeanBody,
+        read_timeout: Duration,
+        deadline: Option<tokio::time::Instant>,
+        ticket: Ticket,
+    ) -> ResponseBody {
+        let inner = Source::Lean(inner);
+        ResponseBody::Upstream(Box::new(UpstreamBody { inner, read_timeout, timer: None, deadline, ticket }))
     }
 }
 
@@ -310,24 +415,13 @@ impl Body for ResponseBody {
 }
 
 impl UpstreamBody {
-    /// The body is complete: the connection can serve another exchange. The server side stops
-    /// polling a body as soon as it reports its end (`is_end_stream`), so this runs on the last
-    /// frame, not on a final `None` that may never be asked for.
-    fn complete(&mut self, cx: Option<&mut Context<'_>>) {
-        if let Some((pool, addr, up)) = self.conn.take() {
-            pool.give_back(addr, up, cx);
-        }
-    }
-
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        match self.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.ticket.add_bytes_out(data.len() as u64);
                 }
-                if self.inner.is_end_stream() {
-                    self.complete(Some(cx));
-                } else if self.timer.is_some() {
+                if !self.inner.is_end_stream() && self.timer.is_some() {
                     let next = self.next_deadline();
                     if let Some(timer) = self.timer.as_mut() {
                         timer.as_mut().reset(next);
@@ -336,22 +430,18 @@ impl UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.conn = None;
                 if let Some(b) = &self.ticket.backend {
                     b.backend().metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
-            Poll::Ready(None) => {
-                self.complete(Some(cx));
-                Poll::Ready(None)
-            }
+            Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let deadline = self.next_deadline();
                 let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        self.conn = None;
+                        // The connection is dropped with the body (never pooled mid-response).
                         tracing::debug!("response body from the instance stalled for {:?}", self.read_timeout);
                         Poll::Ready(Some(Err(Box::new(ReadTimeout(self.read_timeout)))))
                     }

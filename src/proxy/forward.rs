@@ -12,8 +12,10 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENG
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use super::body::{AccessInfo, Exchange, RequestBody, ResponseBody, Ticket};
-use super::pool::{Pool, Upstream};
+use super::body::{AccessInfo, Exchange, LeanBody, RequestBody, ResponseBody, Ticket};
+use super::client::{self, OutBody, Outgoing, Sent};
+use super::h1::{self, RequestFraming};
+use super::pool::{connect_upgrade, Pool, UpConn, Upstream};
 use super::routes::RouteTable;
 use super::{access, normalize_host};
 
@@ -191,11 +193,19 @@ fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &str) -> Heade
     }
 }
 
+/// A request on its way: through the inline client, or (upgrades) through hyper's.
+enum Pending {
+    Plain(Outgoing),
+    Upgrade(Request<RequestBody>),
+}
+
 /// How one attempt to send the request ended.
 enum Attempt {
-    Answered(Response<Incoming>, Upstream),
+    /// The response head, whether the whole request went out, and the connection.
+    Answered(h1::Head, bool, UpConn),
+    Upgraded(Response<Incoming>, Upstream),
     /// Nothing reached the instance: the request comes back untouched.
-    NotSent(Option<Request<RequestBody>>),
+    NotSent(Option<Pending>),
     /// The request was (maybe partly) sent, then the exchange failed; `true` when the instance
     /// reset the connection before answering anything (its kernel had unread data: the app
     /// never read the whole request).
@@ -294,7 +304,8 @@ impl Forwarder {
         let mut buffered: Option<bytes::Bytes> = None;
         let small = !bodiless && upgrade.is_none() && declared_len.is_some_and(|n| n <= BUFFERED_BODY);
         if let Some(incoming) = body.take_if(|_| small) {
-            let read = tokio::time::timeout(opts.read_timeout(), http_body_util::BodyExt::collect(incoming)).await;
+            let read =
+                Box::pin(tokio::time::timeout(opts.read_timeout(), http_body_util::BodyExt::collect(incoming))).await;
             match read {
                 Ok(Ok(collected)) => buffered = Some(collected.to_bytes()),
                 Ok(Err(e)) => {
@@ -309,29 +320,59 @@ impl Forwarder {
                 }
             }
         }
-        // A request can be rebuilt and sent again after a failure when it has no body or a
-        // buffered one; otherwise only while nothing of it was sent.
-        let replayable = (bodiless || buffered.is_some()) && upgrade.is_none();
-        let template = replayable.then(|| (parts.method.clone(), uri.clone(), parts.headers.clone(), buffered.clone()));
-        let build =
-            |method: Method, uri: Uri, headers: HeaderMap, body: Option<Incoming>, full: Option<bytes::Bytes>| {
-                let body = match full {
-                    Some(bytes) => RequestBody::full(bytes, exchange.clone()),
-                    None => RequestBody::new(body, opts.max_body, exchange.clone()),
-                };
-                let mut r = Request::new(body);
-                *r.method_mut() = method;
-                *r.uri_mut() = uri;
-                *r.version_mut() = Version::HTTP_11;
-                *r.headers_mut() = headers;
-                r
-            };
         // A client that sends an Idempotency-Key (draft-ietf-httpapi-idempotency-key-header)
         // says the request may be sent twice.
         let retry_safe =
             idempotent(&parts.method) || parts.headers.contains_key("idempotency-key") || opts.retry_non_idempotent;
-        let streamed = if bodiless { None } else { body };
-        let mut pending = Some(build(parts.method.clone(), uri, parts.headers, streamed, buffered));
+        // A request can be sent again after a failure when it has no body or a buffered one;
+        // otherwise only while nothing of it was sent. Upgrades go through hyper's client (the
+        // connection becomes a tunnel); everything else through the inline client.
+        let mut pending = Some(match &upgrade {
+            Some(_) => {
+                let streamed = if bodiless { None } else { body };
+                let body = RequestBody::new(streamed, opts.max_body, exchange.clone());
+                let mut r = Request::new(body);
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = uri;
+                *r.version_mut() = Version::HTTP_11;
+                *r.headers_mut() = std::mem::take(&mut parts.headers);
+                Pending::Upgrade(r)
+            }
+            None => {
+                let framing = match (&buffered, bodiless, declared_len) {
+                    (Some(b), _, _) => RequestFraming::Length(b.len() as u64),
+                    (None, true, Some(_)) => RequestFraming::Length(0),
+                    (None, true, None) if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
+                        RequestFraming::Length(0)
+                    }
+                    (None, true, None) => RequestFraming::None,
+                    (None, false, Some(n)) => RequestFraming::Length(n),
+                    (None, false, None) => RequestFraming::Chunked,
+                };
+                let mut head = Vec::new();
+                h1::encode_head(&parts.method, &uri, &parts.headers, framing, &mut head);
+                let out_body = match (buffered, bodiless, body) {
+                    (Some(full), _, _) => {
+                        exchange.bytes_in.store(full.len() as u64, Ordering::Relaxed);
+                        OutBody::Full(full)
+                    }
+                    (None, false, Some(incoming)) => OutBody::Stream {
+                        body: RequestBody::new(Some(incoming), opts.max_body, exchange.clone()),
+                        chunked: framing == RequestFraming::Chunked,
+                    },
+                    _ => OutBody::None,
+                };
+                Pending::Plain(Outgoing {
+                    head: head.into(),
+                    body: out_body,
+                    head_request: parts.method == Method::HEAD,
+                })
+            }
+        });
+        let template = match &pending {
+            Some(Pending::Plain(out)) => out.replica(),
+            _ => None,
+        };
         let deadline = opts.total_timeout().map(|t| tokio::time::Instant::now() + t);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("no instance could be tried");
@@ -339,9 +380,9 @@ impl Forwarder {
         let mut replayed = false;
         let attempts = 1 + opts.retries as usize;
         while tried.len() < attempts {
-            let Some(req) = pending.take().or_else(|| {
-                template.as_ref().map(|(m, u, h, b)| build(m.clone(), u.clone(), h.clone(), None, b.clone()))
-            }) else {
+            let Some(req) =
+                pending.take().or_else(|| template.as_ref().and_then(Outgoing::replica).map(Pending::Plain))
+            else {
                 break;
             };
             let Some(idx) = route.pick(&tried) else { break };
@@ -351,20 +392,20 @@ impl Forwarder {
             }
             let backend = route.backends[idx].clone();
             let in_flight = backend.enter();
-            let attempt = self.attempt(&backend.addr, req, opts, &exchange, deadline).await;
+            let attempt = match req {
+                Pending::Plain(out) => self.attempt(&backend.addr, out, opts, &exchange, deadline).await,
+                Pending::Upgrade(req) => {
+                    Box::pin(self.attempt_upgrade(&backend.addr, req, opts, &exchange, deadline)).await
+                }
+            };
             match attempt {
-                Attempt::Answered(resp, sender) => {
+                Attempt::Answered(head, complete, conn) => {
                     ticket.set_backend(in_flight);
-                    return self.respond(
-                        resp,
-                        sender,
-                        backend.addr,
-                        ticket,
-                        client_upgrade,
-                        request_id,
-                        opts,
-                        deadline,
-                    );
+                    return self.respond(head, complete, conn, backend.addr, ticket, request_id, opts, deadline);
+                }
+                Attempt::Upgraded(resp, sender) => {
+                    ticket.set_backend(in_flight);
+                    return self.respond_upgrade(resp, sender, ticket, client_upgrade, request_id, opts, deadline);
                 }
                 Attempt::NotSent(back) => {
                     backend.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -406,8 +447,40 @@ impl Forwarder {
         }
     }
 
-    /// Sends `req` to `addr` over a pooled or new connection and waits for the response head.
+    /// Sends `out` to `addr` over a pooled or new connection and waits for the response head.
     async fn attempt(
+        &self,
+        addr: &SocketAddr,
+        out: Outgoing,
+        opts: &super::routes::RouteOptions,
+        exchange: &Exchange,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Attempt {
+        let mut out = out;
+        // A reused connection may turn out closed: then the request goes out again on a fresh
+        // one (a bounded number of times), when the instance provably did not read it.
+        for _ in 0..3 {
+            let mut conn = match self.pool.checkout(*addr, opts.connect_timeout()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    return Attempt::NotSent(Some(Pending::Plain(out)));
+                }
+            };
+            match client::send(&mut conn, &mut out, exchange, opts.read_timeout(), deadline).await {
+                Sent::Head(head, complete) => return Attempt::Answered(head, complete, conn),
+                Sent::TimedOut => return Attempt::TimedOut,
+                Sent::Failed(f) if conn.reused && f.unread && f.intact => {
+                    tracing::debug!("pooled connection to {addr} was closed: {}", f.error);
+                }
+                Sent::Failed(f) => return Attempt::Failed(f.error, f.unread),
+            }
+        }
+        Attempt::NotSent(Some(Pending::Plain(out)))
+    }
+
+    /// Sends an upgrade request over a fresh hyper connection and waits for the response head.
+    async fn attempt_upgrade(
         &self,
         addr: &SocketAddr,
         req: Request<RequestBody>,
@@ -415,60 +488,96 @@ impl Forwarder {
         exchange: &Exchange,
         deadline: Option<tokio::time::Instant>,
     ) -> Attempt {
-        let mut req = req;
-        // A reused connection may turn out closed: then the request comes back and goes out
-        // on a fresh one (a bounded number of times).
-        for _ in 0..3 {
-            let conn = match self.pool.checkout(*addr, opts.connect_timeout()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!("{e}");
-                    return Attempt::NotSent(Some(req));
-                }
-            };
-            let Upstream { mut sender, watch } = conn.up;
-            let send = sender.try_send_request(req);
-            tokio::pin!(send);
-            let read_timeout = opts.read_timeout();
-            let result = loop {
-                let mut wait = read_timeout;
-                if let Some(d) = deadline {
-                    wait = wait.min(d.saturating_duration_since(tokio::time::Instant::now()));
-                }
-                match tokio::time::timeout(wait, &mut send).await {
-                    Ok(r) => break Some(r),
-                    // Still uploading: the clock runs from the body's last progress.
-                    Err(_)
-                        if exchange.idle() < read_timeout
-                            && deadline.is_none_or(|d| tokio::time::Instant::now() < d) => {}
-                    Err(_) => break None,
-                }
-            };
-            match result {
-                None => return Attempt::TimedOut,
-                Some(Ok(resp)) => return Attempt::Answered(resp, Upstream { sender, watch }),
-                Some(Err(mut e)) => match e.take_message() {
-                    Some(back) if conn.reused => {
-                        tracing::debug!("pooled connection to {addr} was closed: {}", e.error());
-                        req = back;
-                    }
-                    Some(back) => return Attempt::NotSent(Some(back)),
-                    None => {
-                        let unread = reset_unread(e.error()) || watch.closed_before_receiving();
-                        return Attempt::Failed(e.error().to_string(), unread);
-                    }
-                },
+        let Upstream { mut sender, watch } = match connect_upgrade(*addr, opts.connect_timeout()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("{e}");
+                return Attempt::NotSent(Some(Pending::Upgrade(req)));
             }
+        };
+        let send = sender.try_send_request(req);
+        tokio::pin!(send);
+        let read_timeout = opts.read_timeout();
+        let result = loop {
+            let mut wait = read_timeout;
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_duration_since(tokio::time::Instant::now()));
+            }
+            match tokio::time::timeout(wait, &mut send).await {
+                Ok(r) => break Some(r),
+                // Still uploading: the clock runs from the body's last progress.
+                Err(_)
+                    if exchange.idle() < read_timeout && deadline.is_none_or(|d| tokio::time::Instant::now() < d) => {}
+                Err(_) => break None,
+            }
+        };
+        match result {
+            None => Attempt::TimedOut,
+            Some(Ok(resp)) => Attempt::Upgraded(resp, Upstream { sender, watch }),
+            Some(Err(mut e)) => match e.take_message() {
+                Some(back) => Attempt::NotSent(Some(Pending::Upgrade(back))),
+                None => {
+                    let unread = reset_unread(e.error()) || watch.closed_before_receiving();
+                    Attempt::Failed(e.error().to_string(), unread)
+                }
+            },
         }
-        Attempt::NotSent(Some(req))
     }
 
+    /// The instance's answer on its way to the client; the connection goes back to the pool as
+    /// soon as the body has been read (at once when it came with the head).
     #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
+        head: h1::Head,
+        complete: bool,
+        conn: UpConn,
+        addr: SocketAddr,
+        mut ticket: Ticket,
+        request_id: HeaderValue,
+        opts: &super::routes::RouteOptions,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response<ResponseBody> {
+        let mut conn = conn;
+        ticket.status = head.status.as_u16();
+        let reusable = head.keep_alive && complete;
+        let mut resp = Response::new(());
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        let (mut parts, ()) = resp.into_parts();
+        for name in head.hop_named {
+            parts.headers.remove(name);
+        }
+        parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+        let mut decoder = head.body;
+        // The whole body came with the head (most small answers): no body state to keep.
+        let whole = decoder.remaining().is_some_and(|n| n as usize <= conn.buf.len());
+        if whole {
+            let data = match decoder.decode(&mut conn.buf) {
+                Ok(Some(frame)) => frame.into_data().ok(),
+                _ => None,
+            };
+            if reusable && decoder.is_done() {
+                self.pool.give_back(addr, conn);
+            }
+            return Response::from_parts(parts, ResponseBody::Local(data, Some(ticket)));
+        }
+        let body = ResponseBody::lean(
+            LeanBody::new(conn, decoder, reusable.then(|| (self.pool.clone(), addr))),
+            opts.read_timeout(),
+            deadline,
+            ticket,
+        );
+        Response::from_parts(parts, body)
+    }
+
+    /// The answer to an upgrade request: a tunnel when the instance switched protocols, else
+    /// an ordinary response over the (unpooled) hyper connection.
+    #[allow(clippy::too_many_arguments)]
+    fn respond_upgrade(
+        &self,
         resp: Response<Incoming>,
         sender: Upstream,
-        addr: SocketAddr,
         mut ticket: Ticket,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         request_id: HeaderValue,
@@ -494,13 +603,7 @@ impl Forwarder {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
-        let body = ResponseBody::upstream(
-            body,
-            opts.read_timeout(),
-            deadline,
-            Some((self.pool.clone(), addr, sender)),
-            ticket,
-        );
+        let body = ResponseBody::upstream(body, opts.read_timeout(), deadline, sender, ticket);
         Response::from_parts(parts, body)
     }
 }

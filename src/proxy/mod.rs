@@ -6,8 +6,10 @@
 pub mod access;
 mod body;
 pub mod cli;
+mod client;
 pub mod control;
 mod forward;
+mod h1;
 pub mod health;
 pub mod link;
 pub mod metrics;

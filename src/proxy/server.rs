@@ -525,7 +525,11 @@ async fn serve_http<I>(
             let shared = shared.clone();
             async move {
                 let http1 = req.version() < hyper::Version::HTTP_2;
-                let mut resp = forwarder.handle(req, &info).await;
+                // Boxed: hyper keeps room for one service future per connection for as long as the
+                // connection lives, and a request's state is large (3.3 KiB): idle connections
+                // stay small.
+                let handling = async move { forwarder.handle(req, &info).await };
+                let mut resp = Box::pin(handling).await;
                 // A retiring proxy ends each HTTP/1 connection after its current answer: the
                 // client's next request opens a connection to the newer proxy.
                 let retired = shared.retired.load(std::sync::atomic::Ordering::Relaxed);
@@ -672,7 +676,7 @@ mod tests {
 
 /// A one-worker proxy on 127.0.0.1 routing `a.localhost` to `backend`.
 #[cfg(test)]
-fn proxy_to(backend: SocketAddr) -> ProxyHandle {
+pub(super) fn proxy_to(backend: SocketAddr) -> ProxyHandle {
     use crate::proxy::{AppRoute, BackendSpec, RouteConfig};
     let table = Arc::new(RouteTable::default());
     table.publish(RouteConfig {
