@@ -6,6 +6,7 @@
 //! Lifecycle: start (build + start, report `ok PID` or `error MSG` on stdout) → serve (poll
 //! loop) → exit recorded → container deleted → reply to waiters → exit.
 
+pub mod launch;
 pub mod log;
 pub mod protocol;
 
@@ -151,14 +152,21 @@ pub fn start_container_with(
             unsafe { libc::close(fd) };
         }
     }
-    let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+    // Seccomp programs are compiled once per profile and kept beside libcontainer's state (a
+    // name no container id can take).
+    let launch = launch::prepare(bundle, &state_root.join(".seccomp"))?;
+    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default());
+    if let Some(executor) = launch.executor {
+        builder = builder.with_executor(executor);
+    }
+    let mut container = builder
         .with_root_path(state_root)
         .map_err(|e| format!("libcontainer state root {}: {e}", state_root.display()))?
         .with_stdin(stdin)
         .with_stdout(out_w)
         .with_stderr(err_w)
         .with_console_socket(console)
-        .as_init(bundle)
+        .as_init(&launch.bundle)
         .with_systemd(false)
         .with_detach(true)
         .build()
