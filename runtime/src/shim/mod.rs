@@ -9,6 +9,7 @@
 pub mod launch;
 pub mod log;
 pub mod protocol;
+pub mod remove;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -406,7 +407,7 @@ fn serve(cfg: &ShimConfig, started: Started, listener: UnixListener, mut log: Lo
 
     let status = exit.unwrap_or_else(|| ExitStatus { code: None, signal: None, oom: false, finished_at: now() });
     log.line("shim", format!("instance ended: {}", status.reason()).as_bytes());
-    if let Err(e) = container.delete(true) {
+    if let Err(e) = remove::remove_exited(&mut container) {
         log.line("shim", format!("cannot delete container: {e}").as_bytes());
     }
     if let Ok(json) = serde_json::to_vec(&status) {
