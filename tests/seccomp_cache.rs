@@ -56,6 +56,10 @@ fn instances_run_under_the_cached_program() {
         assert_eq!(json(&dir.join("config.json"))["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
         assert!(json(&dir.join("launch/config.json"))["linux"].get("seccomp").is_none());
     }
+    // `exec` takes the instance's program from the same cache (and still runs filtered).
+    let status = daemon.cli_ok(&["exec", "box.1", "--", "cat", "/proc/self/status"]);
+    assert!(status.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')), "{status}");
+    assert_eq!(cached_programs(&daemon).len(), 1, "exec shares the shim's entry");
     // Another capability set is another profile, hence another program.
     daemon.cli_ok(&["app", "create", "admin", "--image", &image.reference, "--port", "8080", "--cap-add", "SYS_ADMIN"]);
     daemon.cli_ok(&["app", "start", "admin"]);

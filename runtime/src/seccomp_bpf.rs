@@ -296,6 +296,13 @@ pub fn cached(profile_json: &[u8], profile: &LinuxSeccomp, dir: &Path) -> Result
     Ok(program)
 }
 
+/// The program for `profile`, cached in `dir` under the key of its OCI JSON form: the shim and
+/// `exec` share entries.
+pub fn for_profile(profile: &LinuxSeccomp, dir: &Path) -> Result<Program, BpfError> {
+    let json = serde_json::to_vec(profile).map_err(|e| BpfError::Compile(format!("serialising the profile: {e}")))?;
+    cached(&json, profile, dir)
+}
+
 /// Cache file: magic, SHA-256 of the program, the program.
 fn decode(bytes: &[u8]) -> Result<Program, BpfError> {
     let rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(|| BpfError::Invalid("not a program file".into()))?;

@@ -14,6 +14,12 @@ use crate::seccomp_bpf::{self, FilteredExecutor};
 /// Directory (inside the bundle) of the config libcontainer reads when the filter is ours.
 pub const LAUNCH_DIR: &str = "launch";
 
+/// Where compiled seccomp programs are cached for containers whose libcontainer state is under
+/// `state_root`: beside it, under a name no container id can take.
+pub fn seccomp_cache(state_root: &Path) -> PathBuf {
+    state_root.join(".seccomp")
+}
+
 /// The bundle libcontainer builds from, and the executor that runs the container's process.
 pub struct Launch {
     pub bundle: PathBuf,
@@ -48,8 +54,7 @@ pub fn prepare(bundle: &Path, cache: &Path) -> Result<Launch, String> {
         tracing::debug!("{}: seccomp profile left to libcontainer: {why}", path.display());
         return Ok(as_is);
     }
-    let key = serde_json::to_vec(profile).map_err(|e| format!("{}: {e}", path.display()))?;
-    let program = seccomp_bpf::cached(&key, &parsed, cache).map_err(|e| format!("{}: {e}", path.display()))?;
+    let program = seccomp_bpf::for_profile(&parsed, cache).map_err(|e| format!("{}: {e}", path.display()))?;
 
     if let Some(linux) = config.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("seccomp");

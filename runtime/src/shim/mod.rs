@@ -153,9 +153,8 @@ pub fn start_container_with(
             unsafe { libc::close(fd) };
         }
     }
-    // Seccomp programs are compiled once per profile and kept beside libcontainer's state (a
-    // name no container id can take).
-    let launch = launch::prepare(bundle, &state_root.join(".seccomp"))?;
+    // Seccomp programs are compiled once per profile and kept beside libcontainer's state.
+    let launch = launch::prepare(bundle, &launch::seccomp_cache(state_root))?;
     let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default());
     if let Some(executor) = launch.executor {
         builder = builder.with_executor(executor);
