@@ -138,6 +138,9 @@ struct ShimFinishArgs {
 struct ShimExecArgs {
     #[arg(long)]
     bundle: PathBuf,
+    /// Cache of compiled seccomp programs (the shims').
+    #[arg(long)]
+    seccomp_cache: Option<PathBuf>,
     #[arg(long)]
     pid: i32,
     #[arg(long)]
@@ -229,6 +232,7 @@ fn main() -> ExitCode {
                 cwd: a.cwd,
                 tty: a.tty,
                 size: (a.rows > 0 && a.cols > 0).then_some((a.rows, a.cols)),
+                seccomp_cache: a.seccomp_cache,
             });
             ExitCode::from(code.clamp(0, 255) as u8)
         }

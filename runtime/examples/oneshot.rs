@@ -74,6 +74,6 @@ fn run(bundle: &str, id: &str, state_root: &str) -> Result<u8, String> {
             Err(e) => return Err(format!("waitpid({pid}): {e}")),
         }
     };
-    container.delete(true).map_err(|e| format!("cannot delete container: {e}"))?;
+    shim::remove::remove_exited(&mut container).map_err(|e| format!("cannot delete container: {e}"))?;
     Ok(code)
 }

@@ -1,7 +1,7 @@
 //! Finds an instance's cgroup directories on cgroup v1 (one per controller hierarchy) or v2
 //! (one unified hierarchy), reads its resource usage ([`stats`]), kills what runs in it and
-//! removes it. Cleaning up is for a shim that died; the shim's normal path lets libcontainer
-//! do it.
+//! removes it: for a shim that died, and for the shim's own removal of an exited container
+//! (`shim::remove`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -32,6 +32,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup;
+use crate::seccomp_bpf::{self, Program};
 use crate::user;
 
 /// The control socket's descriptor in the helper.
@@ -54,6 +55,10 @@ pub struct ExecConfig {
     pub tty: bool,
     /// The pty's rows and columns, set before the command runs.
     pub size: Option<(u16, u16)>,
+    /// Where the shims cache compiled seccomp programs (`seccomp_bpf`): the filter is taken
+    /// from there instead of compiled for every command (a health check runs one every few
+    /// seconds). `None`: compiled here, by libcontainer.
+    pub seccomp_cache: Option<PathBuf>,
 }
 
 /// One line the helper writes on its control socket.
@@ -116,6 +121,8 @@ struct Plan {
     capabilities: Option<oci_spec::runtime::LinuxCapabilities>,
     no_new_privs: bool,
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    /// `seccomp`, compiled (from the cache), when it can be.
+    filter: Option<Program>,
     size: Option<(u16, u16)>,
 }
 
@@ -252,6 +259,15 @@ fn plan(cfg: &ExecConfig) -> Result<Plan, Failure> {
         Some(c) => return Err(internal(format!("working directory {c:?} must be an absolute path"))),
         None => process.cwd().to_string_lossy().into_owned(),
     };
+    let no_new_privs = process.no_new_privileges().unwrap_or(true);
+    let seccomp = linux.seccomp().clone();
+    // Under no_new_privs, as the shim does; without it libcontainer's own path is kept.
+    let filter = match (&seccomp, &cfg.seccomp_cache) {
+        (Some(profile), Some(cache)) if no_new_privs && seccomp_bpf::precompilable(profile).is_ok() => {
+            Some(seccomp_bpf::for_profile(profile, cache).map_err(|e| internal(format!("seccomp: {e}")))?)
+        }
+        _ => None,
+    };
     Ok(Plan {
         namespaces,
         pid_ns,
@@ -263,8 +279,9 @@ fn plan(cfg: &ExecConfig) -> Result<Plan, Failure> {
         env,
         args: cfg.args.clone(),
         capabilities: process.capabilities().clone(),
-        no_new_privs: process.no_new_privileges().unwrap_or(true),
-        seccomp: linux.seccomp().clone(),
+        no_new_privs,
+        seccomp,
+        filter,
         size: cfg.size,
     })
 }
@@ -414,7 +431,9 @@ fn child(plan: &Plan, pty_tx: Option<UnixStream>) -> Result<std::convert::Infall
     let args = plan.args.iter().map(|a| cstr(a)).collect::<Result<Vec<_>, _>>()?;
     let env = plan.env.iter().map(|e| cstr(e)).collect::<Result<Vec<_>, _>>()?;
     // The filter last: nothing but execve runs under it.
-    if let Some(seccomp) = &plan.seccomp {
+    if let Some(filter) = &plan.filter {
+        filter.install().map_err(|e| internal(format!("seccomp: {e}")))?;
+    } else if let Some(seccomp) = &plan.seccomp {
         libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| internal(format!("seccomp: {e}")))?;
     }
     let err = match nix::unistd::execve(&path, &args, &env) {

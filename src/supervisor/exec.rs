@@ -134,6 +134,9 @@ impl Supervisor {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| failed(e.to_string()))?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("shim-exec").arg("--bundle").arg(self.settings.instance_dir(uid)).arg("--pid").arg(pid.to_string());
+        // The filter the instance's shim compiled, rather than compiling it again.
+        cmd.arg("--seccomp-cache")
+            .arg(deliverous_runtime::shim::launch::seccomp_cache(&self.settings.container_root()));
         for e in &opts.env {
             cmd.arg(format!("--env={e}"));
         }

@@ -369,12 +369,14 @@ impl Supervisor {
         addr: SocketAddr,
         deadline: Option<tokio::time::Instant>,
     ) -> bool {
-        // Every few milliseconds for the first two seconds (most apps are up by then, and each
-        // miss costs one refused SYN), then backing off; after the deadline, a slow background
-        // poll.
+        // Every millisecond for the first 50 ms (a small app listens a few milliseconds after
+        // its exec, and every millisecond there is time to its first request), every few
+        // milliseconds until two seconds (most apps are up by then, and each miss costs one
+        // refused SYN), then backing off; after the deadline, a slow background poll.
         let max_delay = if deadline.is_some() { Duration::from_millis(200) } else { Duration::from_secs(1) };
-        let fast_until = tokio::time::Instant::now() + Duration::from_secs(2);
-        let mut delay = Duration::from_millis(3);
+        let began = tokio::time::Instant::now();
+        let (eager_until, fast_until) = (began + Duration::from_millis(50), began + Duration::from_secs(2));
+        let mut delay = Duration::from_millis(if deadline.is_some() { 1 } else { 3 });
         loop {
             let starting = lock(&self.live).get(uid).map(|l| l.state == State::Starting).unwrap_or(false);
             if !starting {
@@ -402,8 +404,11 @@ impl Supervisor {
                 return false;
             }
             tokio::time::sleep(delay).await;
-            if tokio::time::Instant::now() >= fast_until {
+            let now = tokio::time::Instant::now();
+            if now >= fast_until {
                 delay = (delay * 2).min(max_delay);
+            } else if now >= eager_until {
+                delay = Duration::from_millis(3);
             }
         }
     }

@@ -18,10 +18,12 @@ pub mod handoff;
 #[allow(dead_code)] // The monitor's; compiled here for its unit tests and for clippy.
 #[path = "../../monitor/json.rs"]
 mod json;
+pub mod launch;
 #[path = "../../monitor/log.rs"]
 pub mod log;
 pub mod monitor;
 pub mod protocol;
+pub mod remove;
 #[cfg(test)]
 #[allow(dead_code)] // The monitor's loop (entry: monitor/main.rs); here for its unit tests and clippy.
 #[path = "../../monitor/serve.rs"]
@@ -161,7 +163,7 @@ pub fn finish(id: &str, state_root: &Path) -> Result<(), String> {
         return Ok(());
     }
     let mut container = Container::load(dir.clone()).map_err(|e| format!("cannot load container {id}: {e}"))?;
-    container.delete(true).map_err(|e| format!("cannot delete container {id}: {e}"))
+    remove::remove_exited(&mut container).map_err(|e| format!("cannot delete container {id}: {e}"))
 }
 
 /// A running container and the read ends of its stdout and stderr pipes (none when its
@@ -213,14 +215,20 @@ pub fn start_container_with(
             unsafe { libc::close(fd) };
         }
     }
-    let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+    // Seccomp programs are compiled once per profile and kept beside libcontainer's state.
+    let launch = launch::prepare(bundle, &launch::seccomp_cache(state_root))?;
+    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default());
+    if let Some(executor) = launch.executor {
+        builder = builder.with_executor(executor);
+    }
+    let mut container = builder
         .with_root_path(state_root)
         .map_err(|e| format!("libcontainer state root {}: {e}", state_root.display()))?
         .with_stdin(stdin)
         .with_stdout(out_w)
         .with_stderr(err_w)
         .with_console_socket(console)
-        .as_init(bundle)
+        .as_init(&launch.bundle)
         .with_systemd(false)
         .with_detach(true)
         .build()
