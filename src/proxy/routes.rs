@@ -150,6 +150,10 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Passive ejection after a connection failure: not chosen before this time (ms, table epoch).
     ejected_until: AtomicU64,
+    /// When it was last chosen (ms + 1, table epoch; 0: never). Breaks ties between equally busy
+    /// backends in favour of the one chosen longest ago, as nginx's `least_conn` does: a new
+    /// instance gets the next request at once instead of by chance.
+    last_pick: AtomicU64,
     /// No longer in the table: gets no new requests, finishes what it has.
     retired: AtomicBool,
     epoch: Instant,
@@ -168,6 +172,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             ejected_until: AtomicU64::new(0),
+            last_pick: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             epoch,
             metrics: BackendMetrics::default(),
@@ -261,7 +266,18 @@ impl Route {
                 let (a, b) = two_random(n);
                 match (usable(&a), usable(&b)) {
                     (true, true) => {
-                        Some(if self.backends[b].in_flight() < self.backends[a].in_flight() { b } else { a })
+                        let (ba, bb) = (&self.backends[a], &self.backends[b]);
+                        Some(match bb.in_flight().cmp(&ba.in_flight()) {
+                            std::cmp::Ordering::Less => b,
+                            std::cmp::Ordering::Greater => a,
+                            std::cmp::Ordering::Equal => {
+                                if bb.last_pick.load(Ordering::Relaxed) < ba.last_pick.load(Ordering::Relaxed) {
+                                    b
+                                } else {
+                                    a
+                                }
+                            }
+                        })
                     }
                     (true, false) => Some(a),
                     (false, true) => Some(b),
@@ -269,7 +285,15 @@ impl Route {
                 }
             }
         };
-        pick.or_else(|| (0..n).filter(fresh).min_by_key(|i| self.backends[*i].in_flight()))
+        let pick = pick.or_else(|| (0..n).filter(fresh).min_by_key(|i| self.backends[*i].in_flight()));
+        if let Some(i) = pick {
+            // At most one write per backend and millisecond: the cache line stays shared.
+            let last = &self.backends[i].last_pick;
+            if last.load(Ordering::Relaxed) != now + 1 {
+                last.store(now + 1, Ordering::Relaxed);
+            }
+        }
+        pick
     }
 }
 
@@ -585,6 +609,21 @@ mod tests {
         }
         assert_eq!(route.pick(&[1]), Some(0));
         assert_eq!(route.pick(&[0, 1]), None);
+    }
+
+    #[test]
+    fn a_tie_goes_to_the_backend_chosen_longest_ago() {
+        let rt = RouteTable::default();
+        rt.publish(RouteConfig { apps: vec![app("web", &["w"], 1)] });
+        for _ in 0..20 {
+            rt.load().lookup("w", "/").expect("route").route.pick(&[]);
+        }
+        // A second instance joins, both idle: the newcomer, never chosen, gets the next request.
+        rt.publish(RouteConfig { apps: vec![app("web", &["w"], 2)] });
+        let t = rt.load();
+        let route = t.lookup("w", "/").expect("route").route;
+        assert_eq!(route.backends[1].last_pick.load(Ordering::Relaxed), 0);
+        assert_eq!(route.pick(&[]), Some(1));
     }
 
     #[test]
