@@ -189,6 +189,8 @@ pub fn start_container_with(
     state_root: &Path,
     stdio: &ContainerStdio,
 ) -> Result<Started, String> {
+    // The cgroup attach lock's RCU wait starts now, while we prepare, not at libcontainer's write.
+    crate::cgroup::prime_attach();
     let inherited = |fd: i32| -> Result<OwnedFd, String> {
         // SAFETY: duplicating a descriptor the daemon handed us; the copy is ours.
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
