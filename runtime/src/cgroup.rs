@@ -55,12 +55,7 @@ fn pids(dir: &Path) -> Vec<i32> {
 ///
 /// Must be called from a single-threaded process (the shim), as it forks.
 pub fn prime_attach() {
-    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else { return };
-    let Some(file) =
-        own_procs_files(&own).into_iter().find_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
-    else {
-        return;
-    };
+    let Some(file) = own_procs_file() else { return };
     // SAFETY: the caller is single-threaded; the child only calls write(2) and _exit(2), both
     // async-signal-safe, on a descriptor opened before the fork.
     unsafe {
@@ -70,6 +65,20 @@ pub fn prime_attach() {
             libc::_exit(0);
         }
     }
+}
+
+/// [`prime_attach`] for a multi-threaded caller (the daemon, as an instance start begins): moves
+/// the calling process into the cgroup it is already in, blocking the calling thread for the
+/// grace period (run it on a thread that may block).
+pub fn prime_attach_blocking() {
+    if let Some(mut file) = own_procs_file() {
+        let _ = std::io::Write::write_all(&mut file, b"0");
+    }
+}
+
+fn own_procs_file() -> Option<std::fs::File> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    own_procs_files(&own).into_iter().find_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
 }
 
 /// The `cgroup.procs` files of the cgroups `/proc/self/cgroup` (given) says we are in: v1

@@ -85,6 +85,7 @@ impl Supervisor {
     ) -> Result<String, SupervisorError> {
         let uid = new_uid();
         let began = std::time::Instant::now();
+        prime_cgroup_attach();
         let row = self.store.insert_instance(&uid, &app.name, slot, rev.number, self.hosts())?;
         let prepared = {
             let me = self.clone();
@@ -817,4 +818,19 @@ mod volume_tests {
         assert_eq!(seed_dir(&rootfs, "/var/link/ssl"), None, "a symlink on the way");
         assert_eq!(seed_dir(&rootfs, "/missing"), None);
     }
+}
+
+/// Starts the cgroup attach lock's RCU wait as an instance start begins, so that the shim's
+/// cgroup writes, milliseconds later, wait only for what is left of it (see
+/// `deliverous_runtime::cgroup::prime_attach`; the shim primes too, later). One at a time: a
+/// burst of starts shares one grace period.
+fn prime_cgroup_attach() {
+    static PRIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if PRIMING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    tokio::task::spawn_blocking(|| {
+        deliverous_runtime::cgroup::prime_attach_blocking();
+        PRIMING.store(false, std::sync::atomic::Ordering::Release);
+    });
 }
