@@ -1,5 +1,5 @@
-//! The seccomp filter is compiled once per profile and cached beside libcontainer's state
-//! (`<run>/containers/.seccomp/`); libcontainer gets a copy of the instance's config without it and
+//! The seccomp filter is compiled once per profile and cached next to libcontainer's state
+//! (`<run>/seccomp/`); libcontainer gets a copy of the instance's config without it and
 //! the shim loads the cached program in the container's init. These tests pin down that the
 //! cache is used, that the instance still runs filtered, and that a cached program the kernel
 //! refuses fails the start with a clear error instead of running the instance unfiltered.
@@ -12,7 +12,7 @@ use common::{http_get, Daemon, Registry};
 use sha2::{Digest, Sha256};
 
 fn cached_programs(daemon: &Daemon) -> Vec<PathBuf> {
-    let dir = daemon.run_dir().join("containers").join(".seccomp");
+    let dir = daemon.run_dir().join("seccomp");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|entries| {
             entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "bpf")).collect()

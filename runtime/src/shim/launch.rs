@@ -15,9 +15,10 @@ use crate::seccomp_bpf::{self, FilteredExecutor};
 pub const LAUNCH_DIR: &str = "launch";
 
 /// Where compiled seccomp programs are cached for containers whose libcontainer state is under
-/// `state_root`: beside it, under a name no container id can take.
+/// `state_root`: next to it (`<run>/seccomp/`), so the state root holds containers only (the
+/// crash sweep and its checks read every entry there as one).
 pub fn seccomp_cache(state_root: &Path) -> PathBuf {
-    state_root.join(".seccomp")
+    state_root.parent().unwrap_or(state_root).join("seccomp")
 }
 
 /// The bundle libcontainer builds from, and the executor that runs the container's process.
