@@ -25,13 +25,7 @@ pub struct ExitStatus {
 impl ExitStatus {
     /// `oom`, `signal 9`, `exit 0`: as `protocol::ExitStatus::reason`.
     pub fn reason(&self) -> String {
-        if self.oom {
-            "oom".to_string()
-        } else if let Some(sig) = self.signal {
-            format!("signal {sig}")
-        } else {
-            format!("exit {}", self.code.unwrap_or(-1))
-        }
+        super::reason::exit_reason(self.oom, self.signal, self.code)
     }
 
     /// `{"code":0,"signal":null,"oom":false,"finished_at":"…"}`.

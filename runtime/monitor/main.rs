@@ -7,6 +7,7 @@ mod clock;
 mod handoff;
 mod json;
 mod log;
+mod reason;
 mod serve;
 
 fn main() {

@@ -23,6 +23,8 @@ pub mod launch;
 pub mod log;
 pub mod monitor;
 pub mod protocol;
+#[path = "../../monitor/reason.rs"]
+mod reason;
 pub mod remove;
 #[cfg(test)]
 #[allow(dead_code)] // The monitor's loop (entry: monitor/main.rs); here for its unit tests and clippy.

@@ -43,12 +43,6 @@ pub struct ExitStatus {
 impl ExitStatus {
     /// `exited 0`, `killed by signal 9`, `oom`: what an operator reads in `app show`.
     pub fn reason(&self) -> String {
-        if self.oom {
-            "oom".to_string()
-        } else if let Some(sig) = self.signal {
-            format!("signal {sig}")
-        } else {
-            format!("exit {}", self.code.unwrap_or(-1))
-        }
+        super::reason::exit_reason(self.oom, self.signal, self.code)
     }
 }
