@@ -135,8 +135,14 @@ async fn capture(sup: &Supervisor, target: &str, body: &AttachBody) -> Result<Re
     }
     let (uid, _) = sup.find_running(target)?;
     let (code, output) = sup.exec_capture(&uid, &body.cmd, timeout).await.map_err(|e| {
-        let status =
-            if e.starts_with("timed out") { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::INTERNAL_SERVER_ERROR };
+        let status = if e.starts_with("timed out") {
+            StatusCode::GATEWAY_TIMEOUT
+        } else if e.ends_with("is not running") {
+            // It stopped between the lookup and the exec: the operator's state, not our failure.
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
         ApiError::new(status, format!("exec in {target}: {e}"))
     })?;
     let answer = serde_json::json!({"exit_code": code, "output": String::from_utf8_lossy(&output)});
