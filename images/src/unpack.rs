@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use crate::error::IoContext;
 use crate::Error;
 
+mod gzip;
 mod tree;
 
 use tree::{open_at, Tree, Unreachable};
@@ -595,7 +596,7 @@ fn unpack_stream<R: BufRead + Send>(
                     zstd::stream::read::Decoder::with_buffer(input)
                         .context(|| format!("starting zstd decoder for {what}"))?,
                 ),
-                _ => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+                _ => gzip::decoder(input),
             };
             loop {
                 let mut buf = recycled.try_recv().unwrap_or_default();
