@@ -344,6 +344,7 @@ impl ImageStore {
     /// in the index and returns it. Uses the credentials stored for the registry, if any (read at
     /// each pull, so a new login needs no restart), and pulls anonymously otherwise.
     pub async fn pull(&self, reference: &Reference, opts: &PullOptions) -> Result<Image, Error> {
+        tracing::debug!(%reference, "pull started");
         let _gc = self.gc.read().await;
         let credentials = self.credentials.clone();
         let registry = reference.registry().to_string();
@@ -352,6 +353,7 @@ impl ImageStore {
             tracing::debug!(%reference, user = %c.username, file = %c.file.display(), "pulling with credentials");
         }
         let session = Session::open(&self.clients, reference, opts, credential).await?;
+        tracing::debug!(%reference, "registry session open");
         let (manifest, digest) = session.manifest().await?;
         tracing::debug!(%reference, %digest, layers = manifest.layers.len(), "pulled manifest");
 
@@ -440,6 +442,7 @@ impl ImageStore {
             staged.commit()
         })
         .await?;
+        tracing::debug!(%reference, "pull done");
         Ok(image)
     }
 

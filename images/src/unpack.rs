@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use crate::error::IoContext;
 use crate::Error;
 
+mod gzip;
 mod tree;
 
 use tree::{open_at, Tree, Unreachable};
@@ -258,6 +259,7 @@ pub(crate) fn unpack_streamed(
     let tmp = layer.layers_dir.join(format!(".tmp-{hex}-{}", unique_suffix()));
     let blob_tmp = layer.blobs_dir.join(format!(".tmp-{blob_hex}-{}", unique_suffix()));
     fs::create_dir(&tmp).context(|| format!("creating layer directory {}", tmp.display()))?;
+    let started = std::time::Instant::now();
     let staged = (|| {
         let writeback = Writeback::open(&tmp)?;
         let file = if layer.keep_blob {
@@ -313,7 +315,15 @@ pub(crate) fn unpack_streamed(
                 file.sync_all().context(|| format!("syncing {}", blob_tmp.display()))?;
             }
         }
-        writeback.sync()
+        let unpacked = started.elapsed();
+        writeback.sync()?;
+        tracing::debug!(
+            layer = layer.diff_id,
+            unpack_ms = unpacked.as_millis(),
+            final_sync_ms = (started.elapsed() - unpacked).as_millis(),
+            "layer unpacked and synced"
+        );
+        Ok(())
     })();
     if let Err(e) = staged {
         remove_tree(&tmp);
@@ -595,7 +605,7 @@ fn unpack_stream<R: BufRead + Send>(
                     zstd::stream::read::Decoder::with_buffer(input)
                         .context(|| format!("starting zstd decoder for {what}"))?,
                 ),
-                _ => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+                _ => gzip::decoder(input),
             };
             loop {
                 let mut buf = recycled.try_recv().unwrap_or_default();
