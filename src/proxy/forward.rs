@@ -113,6 +113,8 @@ fn idempotent(m: &Method) -> bool {
 pub struct Forwarder {
     pub table: Arc<RouteTable>,
     pub pool: Arc<Pool>,
+    /// The worker's timer, for timeouts that almost never fire.
+    pub wheel: super::timer::Wheel,
 }
 
 fn local(status: StatusCode, msg: String, ticket: Option<Ticket>) -> Response<ResponseBody> {

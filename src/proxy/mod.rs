@@ -18,6 +18,7 @@ pub mod proxy_protocol;
 pub mod routes;
 mod server;
 mod tcp;
+mod timer;
 pub mod tls;
 
 pub use routes::{AppRoute, BackendSpec, Balance, HealthCheck, RouteConfig, RouteOptions, RouteTable, TcpPort};
