@@ -469,7 +469,7 @@ impl Forwarder {
                     return Attempt::NotSent(Some(Pending::Plain(out)));
                 }
             };
-            match client::send(&mut conn, &mut out, exchange, opts.read_timeout(), deadline).await {
+            match client::send(&mut conn, &mut out, exchange, opts.read_timeout(), deadline, &self.wheel).await {
                 Sent::Head(head, complete) => return Attempt::Answered(head, complete, conn),
                 Sent::TimedOut => return Attempt::TimedOut,
                 Sent::Failed(f) if conn.reused && f.unread && f.intact => {

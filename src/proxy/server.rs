@@ -404,7 +404,8 @@ fn worker(
     rt.block_on(async move {
         let wheel = Wheel::new();
         tokio::spawn(wheel.clone().run());
-        let forwarder = Arc::new(Forwarder { table: shared.table.clone(), pool: Arc::new(Pool::default()), wheel });
+        let forwarder =
+            Arc::new(Forwarder { table: shared.table.clone(), pool: Arc::new(Pool::new(wheel.clone())), wheel });
         for (listener, https) in listeners {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,

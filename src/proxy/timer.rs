@@ -222,6 +222,19 @@ impl Drop for CoarseSleep {
 
 impl hyper::rt::Sleep for CoarseSleep {}
 
+/// `fut`'s output, or `None` if `sleep` ends first.
+pub async fn timeout<F: Future>(sleep: CoarseSleep, fut: F) -> Option<F::Output> {
+    let mut sleep = sleep;
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        Pin::new(&mut sleep).poll(cx).map(|()| None)
+    })
+    .await
+}
+
 impl hyper::rt::Timer for Wheel {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         Box::pin(Wheel::sleep(self, duration))
