@@ -500,7 +500,7 @@ async fn serve_conn(
             }
         }
     }
-    let info = ConnInfo { client, trusted, https };
+    let info = ConnInfo::new(client, trusted, https);
     match (https, &shared.tls) {
         (true, Some(acceptor)) => match tokio::time::timeout(shared.client_timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, shared.clone(), retiring).await,
