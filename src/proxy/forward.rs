@@ -58,6 +58,11 @@ const FORWARDED: HeaderName = hyper::header::FORWARDED;
 
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the few headers a request has, instead of a hashed lookup per hop-by-hop
+    // name: most requests have none, or only `Connection`.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -155,13 +160,21 @@ fn acceptable_request_id(v: &HeaderValue) -> bool {
     !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
 }
 
+/// A trusted peer's own forwarding header `name` (nobody else's is even looked up).
+fn previous<'a>(headers: &'a HeaderMap, name: &HeaderName, trusted: bool) -> Option<&'a str> {
+    if !trusted {
+        return None;
+    }
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 /// Sets `X-Forwarded-*`, `Forwarded` and `X-Request-Id`. A trusted peer's forwarding headers are
 /// extended; anyone else's are replaced (a client must not choose the IP the app sees). `host`:
 /// the request's `Host`. Allocates little: these headers are built for every request.
 fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &HeaderValue) -> HeaderValue {
     let proto = if info.https { "https" } else { "http" };
     let ip = info.client_ip.as_bytes();
-    match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|_| info.trusted) {
+    match previous(headers, &X_FORWARDED_FOR, info.trusted) {
         Some(prev) => {
             let mut xff = Vec::with_capacity(prev.len() + 2 + ip.len());
             xff.extend_from_slice(prev.as_bytes());
@@ -185,7 +198,7 @@ fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &HeaderValue) 
     // token quoted (RFC 7239 §4, §6).
     let host = host.as_bytes();
     let token = host.iter().all(|b| b.is_ascii_alphanumeric() || b".-".contains(b));
-    let prev = headers.get(FORWARDED).and_then(|v| v.to_str().ok()).filter(|_| info.trusted);
+    let prev = previous(headers, &FORWARDED, info.trusted);
     let mut forwarded = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 30 + ip.len() + host.len());
     if let Some(prev) = prev {
         forwarded.extend_from_slice(prev.as_bytes());
