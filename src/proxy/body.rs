@@ -151,7 +151,10 @@ impl Ticket {
     /// The backend that answers; counts as in flight until the ticket is settled.
     pub fn set_backend(&mut self, backend: InFlight) {
         self.backend = Some(backend);
-        self.upstream_ms = Some(self.start.elapsed().as_millis() as u64);
+        // Only the access log says when the instance answered (a clock read saved otherwise).
+        if self.access.is_some() {
+            self.upstream_ms = Some(self.start.elapsed().as_millis() as u64);
+        }
     }
 
     pub fn access_mut(&mut self) -> Option<&mut AccessInfo> {

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::body::{Exchange, RequestBody};
 use super::h1::{self, Head};
 use super::pool::{unacked_fd, UpConn};
+use super::timer::{timeout, Wheel};
 
 /// Bytes asked of the socket per read while waiting for a response head.
 pub const READ_CHUNK: usize = 8 << 10;
@@ -221,6 +222,7 @@ pub async fn send(
     exchange: &Exchange,
     read_timeout: Duration,
     deadline: Option<tokio::time::Instant>,
+    wheel: &Wheel,
 ) -> Sent {
     let fd = conn.stream.as_raw_fd();
     let head_request = out.head_request;
@@ -249,9 +251,11 @@ pub async fn send(
                 }
                 read_head(&mut rd, buf, head_request).await
             };
-            match tokio::time::timeout_at(wait_for(tokio::time::Instant::now()), exchange_fut).await {
-                Ok(r) => r,
-                Err(_) => return Sent::TimedOut,
+            // On the worker's coarse timer: it almost never fires, and is armed per request.
+            let until = wait_for(tokio::time::Instant::from_std(wheel.now())).into_std();
+            match timeout(wheel.sleep_until(until), exchange_fut).await {
+                Some(r) => r,
+                None => return Sent::TimedOut,
             }
         }
         OutBody::Stream { body, chunked } => {

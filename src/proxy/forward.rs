@@ -2,7 +2,7 @@
 //! an instance (retrying elsewhere when that is safe), and stream the answer back. Upgrades
 //! (WebSocket and any other protocol) become a byte tunnel between client and instance.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +27,17 @@ pub struct ConnInfo {
     /// The TCP peer is a trusted proxy: its `X-Forwarded-*` / `Forwarded` headers are kept.
     pub trusted: bool,
     pub https: bool,
+    /// The client's IP address as text, formatted once per connection (each request's
+    /// forwarding headers carry it).
+    client_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(client: SocketAddr, trusted: bool, https: bool) -> ConnInfo {
+        let client_ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(client.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo { client, trusted, https, client_ip }
+    }
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
@@ -47,6 +58,11 @@ const FORWARDED: HeaderName = hyper::header::FORWARDED;
 
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the few headers a request has, instead of a hashed lookup per hop-by-hop
+    // name: most requests have none, or only `Connection`.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -113,6 +129,8 @@ fn idempotent(m: &Method) -> bool {
 pub struct Forwarder {
     pub table: Arc<RouteTable>,
     pub pool: Arc<Pool>,
+    /// The worker's timer, for timeouts that almost never fire.
+    pub wheel: super::timer::Wheel,
 }
 
 fn local(status: StatusCode, msg: String, ticket: Option<Ticket>) -> Response<ResponseBody> {
@@ -142,45 +160,69 @@ fn acceptable_request_id(v: &HeaderValue) -> bool {
     !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
 }
 
-/// `for=` of a `Forwarded` element: IPv6 in quotes and brackets (RFC 7239 §6).
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+/// A trusted peer's own forwarding header `name` (nobody else's is even looked up).
+fn previous<'a>(headers: &'a HeaderMap, name: &HeaderName, trusted: bool) -> Option<&'a str> {
+    if !trusted {
+        return None;
     }
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Sets `X-Forwarded-*`, `Forwarded` and `X-Request-Id`. A trusted peer's forwarding headers are
-/// extended; anyone else's are replaced (a client must not choose the IP the app sees).
-fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &str) -> HeaderValue {
-    let client = info.client.ip();
+/// extended; anyone else's are replaced (a client must not choose the IP the app sees). `host`:
+/// the request's `Host`. Allocates little: these headers are built for every request.
+fn add_forwarding(headers: &mut HeaderMap, info: &ConnInfo, host: &HeaderValue) -> HeaderValue {
     let proto = if info.https { "https" } else { "http" };
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|_| info.trusted) {
-        Some(prev) => format!("{prev}, {client}"),
-        None => client.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
+    let ip = info.client_ip.as_bytes();
+    match previous(headers, &X_FORWARDED_FOR, info.trusted) {
+        Some(prev) => {
+            let mut xff = Vec::with_capacity(prev.len() + 2 + ip.len());
+            xff.extend_from_slice(prev.as_bytes());
+            xff.extend_from_slice(b", ");
+            xff.extend_from_slice(ip);
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR, info.client_ip.clone());
+        }
     }
     if !(info.trusted && headers.contains_key(X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !(info.trusted && headers.contains_key(X_FORWARDED_HOST)) {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            headers.insert(X_FORWARDED_HOST, v);
-        }
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    let host_part = if host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b)) {
-        host.to_string()
+    // for=<ip>;host=<host>;proto=<proto>: IPv6 in quotes and brackets, a host that is not a
+    // token quoted (RFC 7239 §4, §6).
+    let host = host.as_bytes();
+    let token = host.iter().all(|b| b.is_ascii_alphanumeric() || b".-".contains(b));
+    let prev = previous(headers, &FORWARDED, info.trusted);
+    let mut forwarded = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 30 + ip.len() + host.len());
+    if let Some(prev) = prev {
+        forwarded.extend_from_slice(prev.as_bytes());
+        forwarded.extend_from_slice(b", ");
+    }
+    forwarded.extend_from_slice(b"for=");
+    if info.client.ip().is_ipv6() {
+        forwarded.extend_from_slice(b"\"[");
+        forwarded.extend_from_slice(ip);
+        forwarded.extend_from_slice(b"]\"");
     } else {
-        format!("\"{}\"", host.replace('"', ""))
-    };
-    let element = format!("for={};host={host_part};proto={proto}", forwarded_node(client));
-    let forwarded = match headers.get(FORWARDED).and_then(|v| v.to_str().ok()).filter(|_| info.trusted) {
-        Some(prev) => format!("{prev}, {element}"),
-        None => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        forwarded.extend_from_slice(ip);
+    }
+    forwarded.extend_from_slice(b";host=");
+    if token {
+        forwarded.extend_from_slice(host);
+    } else {
+        forwarded.push(b'"');
+        forwarded.extend(host.iter().filter(|b| **b != b'"'));
+        forwarded.push(b'"');
+    }
+    forwarded.extend_from_slice(b";proto=");
+    forwarded.extend_from_slice(proto.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
         headers.insert(FORWARDED, v);
     }
     match headers.get(X_REQUEST_ID).filter(|v| acceptable_request_id(v)) {
@@ -216,14 +258,16 @@ enum Attempt {
 impl Forwarder {
     pub async fn handle(&self, mut req: Request<Incoming>, info: &ConnInfo) -> Response<ResponseBody> {
         let start = Instant::now();
-        let raw_host = match req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
-            Some(h) => h.to_string(),
-            None => match req.uri().authority() {
-                Some(a) => a.to_string(),
+        // A clone of the header's value shares its bytes (nothing copied).
+        let host_value = match req.headers().get(HOST).filter(|h| h.to_str().is_ok()) {
+            Some(h) => h.clone(),
+            None => match req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                Some(a) => a,
                 None => return local(StatusCode::BAD_REQUEST, "request has no Host header\n".into(), None),
             },
         };
-        let host = normalize_host(&raw_host);
+        let raw_host = host_value.to_str().unwrap_or_default();
+        let host = normalize_host(raw_host);
         let access_info = access::enabled().then(|| {
             Box::new(AccessInfo {
                 method: req.method().to_string(),
@@ -269,11 +313,9 @@ impl Forwarder {
             parts.headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
         }
         if !parts.headers.contains_key(HOST) {
-            if let Ok(v) = HeaderValue::from_str(&raw_host) {
-                parts.headers.insert(HOST, v);
-            }
+            parts.headers.insert(HOST, host_value.clone());
         }
-        let request_id = add_forwarding(&mut parts.headers, info, &raw_host);
+        let request_id = add_forwarding(&mut parts.headers, info, &host_value);
         if let Some(a) = ticket.access_mut() {
             a.request_id = request_id.to_str().unwrap_or("").to_string();
         }
@@ -467,7 +509,7 @@ impl Forwarder {
                     return Attempt::NotSent(Some(Pending::Plain(out)));
                 }
             };
-            match client::send(&mut conn, &mut out, exchange, opts.read_timeout(), deadline).await {
+            match client::send(&mut conn, &mut out, exchange, opts.read_timeout(), deadline, &self.wheel).await {
                 Sent::Head(head, complete) => return Attempt::Answered(head, complete, conn),
                 Sent::TimedOut => return Attempt::TimedOut,
                 Sent::Failed(f) if conn.reused && f.unread && f.intact => {
@@ -648,7 +690,7 @@ mod tests {
     }
 
     fn info(ip: [u8; 4], trusted: bool) -> ConnInfo {
-        ConnInfo { client: SocketAddr::from((ip, 5555)), trusted, https: false }
+        ConnInfo::new(SocketAddr::from((ip, 5555)), trusted, false)
     }
 
     #[test]
@@ -657,7 +699,7 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
-        add_forwarding(&mut h, &info([192, 0, 2, 7], false), "web.example.com");
+        add_forwarding(&mut h, &info([192, 0, 2, 7], false), &HeaderValue::from_static("web.example.com"));
         assert_eq!(h[X_FORWARDED_FOR], "192.0.2.7");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         assert_eq!(h[X_FORWARDED_HOST], "web.example.com");
@@ -672,7 +714,7 @@ mod tests {
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         h.insert(FORWARDED, HeaderValue::from_static("for=198.51.100.1"));
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        let id = add_forwarding(&mut h, &info([10, 0, 0, 2], true), "web.example.com:8080");
+        let id = add_forwarding(&mut h, &info([10, 0, 0, 2], true), &HeaderValue::from_static("web.example.com:8080"));
         assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1, 10.0.0.2");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
         assert_eq!(h[FORWARDED], "for=198.51.100.1, for=10.0.0.2;host=\"web.example.com:8080\";proto=http");
@@ -681,6 +723,10 @@ mod tests {
 
     #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
-        assert_eq!(forwarded_node("2001:db8::1".parse().expect("ip")), "\"[2001:db8::1]\"");
+        let mut h = HeaderMap::new();
+        let v6 = ConnInfo::new("[2001:db8::1]:443".parse().expect("addr"), false, true);
+        add_forwarding(&mut h, &v6, &HeaderValue::from_static("Web\"x"));
+        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1");
+        assert_eq!(h[FORWARDED], "for=\"[2001:db8::1]\";host=\"Webx\";proto=https");
     }
 }

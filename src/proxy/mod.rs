@@ -4,6 +4,7 @@
 //! off the hot path and swaps in atomically.
 
 pub mod access;
+mod alloc;
 mod body;
 pub mod cli;
 mod client;
@@ -18,6 +19,7 @@ pub mod proxy_protocol;
 pub mod routes;
 mod server;
 mod tcp;
+mod timer;
 pub mod tls;
 
 pub use routes::{AppRoute, BackendSpec, Balance, HealthCheck, RouteConfig, RouteOptions, RouteTable, TcpPort};

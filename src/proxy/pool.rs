@@ -205,12 +205,17 @@ pub async fn connect_upgrade(addr: SocketAddr, connect_timeout: Duration) -> Res
 /// Idle connections by instance address, each with the time it became idle.
 type Idle = HashMap<SocketAddr, Vec<(Instant, UpConn)>>;
 
-#[derive(Default)]
 pub struct Pool {
     idle: Mutex<Idle>,
+    /// The worker's clock (idle times are coarse: no clock read per request).
+    wheel: super::timer::Wheel,
 }
 
 impl Pool {
+    pub fn new(wheel: super::timer::Wheel) -> Pool {
+        Pool { idle: Mutex::default(), wheel }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -243,7 +248,7 @@ impl Pool {
         let mut idle = self.lock();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE {
-            list.push((Instant::now(), conn));
+            list.push((self.wheel.now(), conn));
         }
     }
 

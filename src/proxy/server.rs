@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -17,6 +17,7 @@ use super::forward::{ConnInfo, Forwarder};
 use super::pool::Pool;
 use super::proxy_protocol::{self, ProxyHeader};
 use super::routes::{RouteTable, Table, TcpPort};
+use super::timer::Wheel;
 use super::tls::CertStore;
 use super::{access, health, tcp};
 
@@ -401,7 +402,10 @@ fn worker(
 ) {
     let Some(rt) = runtime() else { return };
     rt.block_on(async move {
-        let forwarder = Arc::new(Forwarder { table: shared.table.clone(), pool: Arc::new(Pool::default()) });
+        let wheel = Wheel::new();
+        tokio::spawn(wheel.clone().run());
+        let forwarder =
+            Arc::new(Forwarder { table: shared.table.clone(), pool: Arc::new(Pool::new(wheel.clone())), wheel });
         for (listener, https) in listeners {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -496,7 +500,7 @@ async fn serve_conn(
             }
         }
     }
-    let info = ConnInfo { client, trusted, https };
+    let info = ConnInfo::new(client, trusted, https);
     match (https, &shared.tls) {
         (true, Some(acceptor)) => match tokio::time::timeout(shared.client_timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, shared.clone(), retiring).await,
@@ -518,6 +522,7 @@ async fn serve_http<I>(
 {
     let peer = info.client;
     let client_timeout = shared.client_timeout;
+    let forwarder_wheel = forwarder.wheel.clone();
     let service = {
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let forwarder = forwarder.clone();
@@ -542,11 +547,12 @@ async fn serve_http<I>(
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout);
+    // The worker's coarse timer: every request arms and disarms the header-read timeout.
+    builder.http1().timer(forwarder_wheel.clone()).header_read_timeout(client_timeout);
     // h2: an idle connection is pinged, and closed when the client stops answering.
     builder
         .http2()
-        .timer(TokioTimer::new())
+        .timer(forwarder_wheel)
         .max_concurrent_streams(250)
         .keep_alive_interval(client_timeout)
         .keep_alive_timeout(Duration::from_secs(20));
