@@ -503,16 +503,48 @@ async fn serve_conn(
     let info = ConnInfo::new(client, trusted, https);
     match (https, &shared.tls) {
         (true, Some(acceptor)) => match tokio::time::timeout(shared.client_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), info, forwarder, shared.clone(), retiring).await,
+            Ok(Ok(tls)) => {
+                // Over TLS the client names HTTP/2 in ALPN (RFC 9113 §3.2); anything else is HTTP/1.
+                let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_http(TokioIo::new(tls), http2, info, forwarder, shared.clone(), retiring).await
+            }
             Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
             Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
         },
-        _ => serve_http(TokioIo::new(stream), info, forwarder, shared.clone(), retiring).await,
+        _ => match tokio::time::timeout(shared.client_timeout, speaks_h2c(&stream)).await {
+            Ok(Ok(http2)) => serve_http(TokioIo::new(stream), http2, info, forwarder, shared.clone(), retiring).await,
+            Ok(Err(e)) => tracing::debug!("proxy connection from {peer}: {e}"),
+            Err(_) => tracing::debug!("proxy connection from {peer}: no request before the header-read timeout"),
+        },
+    }
+}
+
+/// What an HTTP/2 client with prior knowledge (h2c) sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client opens with the HTTP/2 connection preface, seen with `MSG_PEEK` so the
+/// bytes stay for the protocol's own reader. (A reader that takes them and hands them back, as
+/// hyper-util's `auto` builder does, makes hyper's first read return 24 bytes and its read
+/// buffer grow from 8 to 16 KiB for the connection's lifetime.)
+async fn speaks_h2c(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut head = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut head).await?;
+        if n == 0 || head[..n] != H2_PREFACE[..n] {
+            // Closed before a byte (HTTP/1 then sees the end), or not the preface.
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A preface in pieces: the rest is already on its way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
 async fn serve_http<I>(
     io: I,
+    http2: bool,
     info: ConnInfo,
     forwarder: Arc<Forwarder>,
     shared: Arc<Shared>,
@@ -546,32 +578,50 @@ async fn serve_http<I>(
             }
         })
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // The worker's coarse timer: every request arms and disarms the header-read timeout.
-    builder.http1().timer(forwarder_wheel.clone()).header_read_timeout(client_timeout);
-    // h2: an idle connection is pinged, and closed when the client stops answering.
-    builder
-        .http2()
-        .timer(forwarder_wheel)
-        .max_concurrent_streams(250)
-        .keep_alive_interval(client_timeout)
-        .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let mut retiring = retiring;
+    let result = if http2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // An idle connection is pinged, and closed when the client stops answering.
+        builder
+            .timer(forwarder_wheel)
+            .max_concurrent_streams(250)
+            .keep_alive_interval(client_timeout)
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        until_retired(conn.as_mut(), retiring, |c| c.graceful_shutdown()).await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // The worker's coarse timer: every request arms and disarms the header-read timeout.
+        builder.timer(forwarder_wheel).header_read_timeout(client_timeout);
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        until_retired(conn.as_mut(), retiring, |c| c.graceful_shutdown()).await
+    };
+    if let Err(e) = result {
+        tracing::debug!("proxy connection from {peer}: {e}");
+    }
+}
+
+/// Serves `conn` to its end; once the proxy retires, lets it linger for [`RETIRE_LINGER`], then
+/// shuts it down gracefully (in-flight requests finish).
+async fn until_retired<C>(
+    mut conn: std::pin::Pin<&mut C>,
+    mut retiring: watch::Receiver<bool>,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> hyper::Result<()>
+where
+    C: std::future::Future<Output = hyper::Result<()>>,
+{
     let linger = async move {
         super::set(&mut retiring).await;
         tokio::time::sleep(RETIRE_LINGER).await;
     };
-    let result = tokio::select! {
+    tokio::select! {
         r = conn.as_mut() => r,
         _ = linger => {
-            conn.as_mut().graceful_shutdown();
+            shutdown(conn.as_mut());
             conn.await
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!("proxy connection from {peer}: {e}");
     }
 }
 
