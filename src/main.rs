@@ -2,6 +2,7 @@
 //! The shim must stay single-threaded (libcontainer forks), so it is dispatched before any
 //! async runtime exists.
 
+mod alloc;
 mod api;
 mod apps;
 mod attach;
@@ -16,6 +17,10 @@ mod stats;
 mod supervisor;
 mod systemd;
 mod terminal;
+
+/// Every process of the binary (daemon, proxy, shim, CLI) allocates through it: see src/alloc.rs.
+#[global_allocator]
+static GLOBAL: alloc::CachedMalloc = alloc::CachedMalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -4,7 +4,6 @@
 //! off the hot path and swaps in atomically.
 
 pub mod access;
-mod alloc;
 mod body;
 pub mod cli;
 mod client;

@@ -26,9 +26,6 @@ const ALIGN: usize = 16;
 
 pub struct CachedMalloc;
 
-#[global_allocator]
-static GLOBAL: CachedMalloc = CachedMalloc;
-
 struct Cache {
     blocks: [[*mut u8; DEPTH]; CLASSES],
     len: [u8; CLASSES],
